@@ -1,0 +1,330 @@
+"""
+Greedy decoding, AdaDecode, and self-speculative decoding, all token-exact with greedy.
+
+AdaDecode (Wei et al., ICML 2025): when an exit head after layer l is confident about
+the next token, emit it at once and start it at layer 1. The layers the early token
+skipped are deferred, not skipped: its rows wait with their hidden states and join the
+next token's layer calls exactly where they are needed, batched. When rows reach the
+top, the full model verifies every early token; at the first mismatch the wrong token
+and everything after it are dropped and every layer's cache is cut back.
+
+    python adadecode.py --prompt "Write a function that reverses a string." --method ada
+    python adadecode.py --prompts prompts.jsonl --method greedy --json
+"""
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from model import InputError, Tokenizer, eos_ids, load_model, prepare_default_model
+
+DEFAULT_HEADS = "heads/smollm2-135m-instruct.safetensors"
+
+
+@dataclass
+class Stats:
+    n_layers: int = 0
+    early_by_layer: Counter = field(default_factory=Counter)   # tokens emitted early, per head layer
+    accepted: int = 0              # early tokens confirmed by the full model
+    rejected: int = 0              # early tokens the full model disagreed with (= rollbacks)
+    discarded: int = 0             # early tokens dropped because an earlier one was rejected
+    rollbacks: int = 0
+    layer_calls: int = 0           # one layer run on a batch of rows
+    rows_hist: Counter = field(default_factory=Counter)        # rows in a layer call -> how many calls
+    layer_rows: int = 0            # layer-row computations (greedy: L per generated token)
+    sequential_layers: int = 0     # layers on the critical path: each step's climb, to its exit or the top
+    head_checks: int = 0
+    exit_layer_sum: int = 0        # summed over verified tokens, L for tokens from the full model
+
+    def count_call(self, rows, n_layers):
+        self.layer_calls += n_layers
+        self.rows_hist[rows] += n_layers
+        self.layer_rows += rows * n_layers
+        self.sequential_layers += n_layers
+
+    def summary(self, n_tokens):
+        """A JSON-ready dict with the derived figures."""
+        greedy_rows = max(n_tokens - 1, 0) * self.n_layers   # greedy runs every token after the first through L layers
+        d = asdict(self)
+        d.update(early_by_layer=dict(sorted(self.early_by_layer.items())), rows_hist=dict(sorted(self.rows_hist.items())),
+                 early=sum(self.early_by_layer.values()),
+                 mean_rows_per_call=self.layer_rows / max(self.layer_calls, 1),
+                 greedy_layer_rows=greedy_rows, wasted_layer_rows=self.layer_rows - greedy_rows,
+                 mean_exit_layer=self.exit_layer_sum / max(n_tokens, 1),
+                 ideal_speedup=greedy_rows / max(self.sequential_layers, 1))
+        return d
+
+
+@dataclass
+class GenerationResult:
+    prompt_tokens: list
+    tokens: list
+    seconds: float                 # decode wall time, prefill excluded
+    prefill_seconds: float
+    stats: Stats
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def token_budget(model, prompt, max_new_tokens):
+    """How many tokens may be generated: max_new_tokens, or fewer where the context ends."""
+    if len(prompt) == 0:
+        raise InputError("the prompt is empty")
+    room = model.args.max_seq_len - len(prompt)
+    if room <= 0:
+        raise InputError(f"the prompt has {len(prompt)} tokens; the model's context is {model.args.max_seq_len}")
+    if max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    return min(max_new_tokens, room)
+
+
+def prefill(model, cache, prompt):
+    """Run the whole prompt through every layer; return the first generated token."""
+    x = torch.tensor([prompt], device=model.output.weight.device)
+    h = model.run_layers(model.embed(x), 0, cache)
+    return int(model.logits(h[:, -1]).argmax(-1))      # only the last position's logits are needed
+
+
+@torch.inference_mode()
+def generate_greedy(model, prompt, max_new_tokens, eos=(), on_token=None):
+    """Plain greedy decoding: every token climbs all L layers before the next can start."""
+    device, L = model.output.weight.device, model.args.n_layers
+    budget = token_budget(model, prompt, max_new_tokens)
+    cache = model.new_cache(len(prompt) + budget)
+    stats = Stats(n_layers=L)
+    t0 = time.perf_counter()
+    out = [prefill(model, cache, prompt)]
+    sync(device)
+    t1 = time.perf_counter()
+    while True:
+        if on_token:
+            on_token(out[-1:])
+        stats.exit_layer_sum += L
+        if out[-1] in eos or len(out) == budget:
+            break
+        h = model.run_layers(model.embed(torch.tensor([out[-1:]], device=device)), len(prompt) + len(out) - 1, cache)
+        stats.count_call(1, L)
+        out.append(int(model.logits(h[:, -1]).argmax(-1)))
+    sync(device)
+    return GenerationResult(prompt, out, time.perf_counter() - t1, t1 - t0, stats)
+
+
+@dataclass
+class Deferred:
+    frontier: int          # layers 0..frontier-1 have run on these rows
+    h: torch.Tensor        # (1, n, dim) hidden states of consecutive positions
+
+
+@torch.inference_mode()
+def generate_ada(model, heads, prompt, max_new_tokens, eos=(), threshold=0.75, max_pending=5, on_token=None):
+    """AdaDecode: greedy decoding's tokens, with confident tokens emitted early."""
+    if not 0.0 <= threshold <= 1.0:
+        raise InputError(f"threshold must be in [0, 1], got {threshold}")
+    if max_pending < 0:
+        raise InputError(f"max_pending must be at least 0, got {max_pending}")
+    device, L = model.output.weight.device, model.args.n_layers
+    budget = token_budget(model, prompt, max_new_tokens)
+    cache = model.new_cache(len(prompt) + budget)
+    stats = Stats(n_layers=L)
+    exit_layers = [l for l in heads.layers if l < L]   # at layer L the final head itself decides
+    t0 = time.perf_counter()
+    out = [prefill(model, cache, prompt)]             # generated tokens, the last ones maybe unverified
+    sync(device)
+    t1 = time.perf_counter()
+    exit_layer = [L]                                  # the layer each token of `out` was decided at
+    deferred = []                                     # deepest frontier first; each block's rows follow the previous
+    verified = 0
+    while True:
+        if on_token and len(out) > verified and not deferred:
+            on_token(out[verified:])                  # only verified tokens are ever shown
+        if not deferred:
+            stats.exit_layer_sum += sum(exit_layer[verified:])
+            verified = len(out)
+        # A finished sequence (EOS or the budget) still has its early tokens verified: the
+        # deferred rows are flushed up the stack without a new row.
+        finished = out[-1] in eos or len(out) == budget
+        if finished and not deferred:
+            break
+        pos = len(prompt) + len(out) - 1              # position of the newest token
+        if finished:
+            blk = deferred.pop()
+            h, layer = blk.h, blk.frontier
+        else:
+            h, layer = model.embed(torch.tensor([out[-1:]], device=device)), 0
+        can_exit = not finished and pos - cache.lengths[L - 1] < max_pending
+        while layer < L:
+            # deferred rows join the batch at exactly the layer they need next
+            if deferred and deferred[-1].frontier == layer:
+                h = torch.cat([deferred.pop().h, h], dim=1)
+            if layer in exit_layers and can_exit:
+                tok, conf = heads.predict(layer, h[0, -1])  # only the newest row decides
+                stats.head_checks += 1
+                if conf >= threshold:                       # exit: emit now, park every row here
+                    deferred.append(Deferred(layer, h))
+                    out.append(tok)
+                    exit_layer.append(layer)
+                    stats.early_by_layer[layer] += 1
+                    break
+            # run up to the next place where something can happen: a head or a join
+            stop = min([L] + [l for l in exit_layers if l > layer and can_exit] + [b.frontier for b in deferred[-1:]])
+            h = model.run_layers(h, cache.lengths[layer], cache, layer, stop)
+            stats.count_call(h.shape[1], stop - layer)
+            layer = stop
+        else:
+            out, exit_layer = verify(model, cache, h, len(prompt), out, exit_layer, stats)
+    sync(device)
+    return GenerationResult(prompt, out, time.perf_counter() - t1, t1 - t0, stats)
+
+
+def verify(model, cache, h, n_prompt, out, exit_layer, stats):
+    """Rows h (1, T, dim) reached the top. Row r predicts the token after it: check every
+    early token against it; at the first mismatch keep the model's token, drop the rest,
+    and cut every layer's cache back to just after that row."""
+    L = model.args.n_layers
+    first = cache.lengths[L - 1] - h.shape[1]                 # position of the first row
+    preds = model.logits(h)[0].argmax(-1).tolist()            # (T,)
+    for r, pred in enumerate(preds):
+        i = first + r + 1 - n_prompt                          # index in `out` of the token row r predicts
+        if i == len(out):                                     # beyond the newest token: a new, verified token
+            return out + [pred], exit_layer + [L]
+        if out[i] == pred:
+            stats.accepted += 1
+            continue
+        stats.rejected += 1
+        stats.rollbacks += 1
+        stats.discarded += len(out) - i - 1
+        cache.truncate(first + r + 1)
+        return out[:i] + [pred], exit_layer[:i] + [L]
+    return out, exit_layer
+
+
+def generate_selfspec(model, heads, prompt, max_new_tokens, eos=(), draft_layer=None, k=4, on_token=None):
+    """LayerSkip-style self-speculative decoding, in the same engine: draft k tokens with
+    the first E layers and the head after E, then verify them in one batched pass through
+    layers E+1..L that reuses the draft's KV entries. That is exactly AdaDecode with one
+    head at E, threshold 0 (always exit) and at most k unverified tokens."""
+    E = draft_layer or heads.layers[len(heads.layers) // 2]
+    if E not in heads.layers:
+        raise InputError(f"no exit head at draft layer {E}; heads are at {heads.layers}")
+    return generate_ada(model, _OneHead(heads, E), prompt, max_new_tokens, eos, threshold=0.0, max_pending=k,
+                        on_token=on_token)
+
+
+class _OneHead:
+    def __init__(self, heads, layer):
+        self.heads, self.layers = heads, [layer]
+
+    def predict(self, layer, h):
+        return self.heads.predict(layer, h)
+
+
+# --- command line ----------------------------------------------------------------
+
+def read_prompts(path):
+    """JSON Lines: each line has "prompt", or "turns" (FastChat/MT-bench; first turn used)."""
+    try:
+        lines = [l for l in open(path, encoding="utf-8").read().splitlines() if l.strip()]
+    except OSError as e:
+        raise InputError(f"{path}: {e.strerror}")
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{n}: not JSON ({e.msg})")
+        text = row.get("prompt") if isinstance(row, dict) else None
+        if text is None and isinstance(row, dict) and row.get("turns"):
+            text = row["turns"][0]
+        if not isinstance(text, str) or not text:
+            raise InputError(f"{path}:{n}: needs a non-empty \"prompt\" or \"turns\"")
+        prompts.append({**row, "prompt": text})
+    if not prompts:
+        raise InputError(f"{path}: no prompts in the file")
+    return prompts
+
+
+def default_dtype(device):
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def setup(model_dir, heads_path, device, dtype):
+    """Load model, tokenizer and (when a path is given) heads; the default model is prepared on first use."""
+    folder = model_dir or prepare_default_model()
+    model = load_model(folder, dtype=dtype, device=device)
+    tok = Tokenizer(folder)
+    heads = None
+    if heads_path:
+        from heads import ExitHeads
+        heads = ExitHeads.load(heads_path, model)
+    return model, tok, heads
+
+
+def run(method, model, heads, prompt_ids, max_new_tokens, eos, threshold=0.75, max_pending=5, on_token=None):
+    if method == "greedy":
+        return generate_greedy(model, prompt_ids, max_new_tokens, eos, on_token)
+    if method == "ada":
+        return generate_ada(model, heads, prompt_ids, max_new_tokens, eos, threshold, max_pending, on_token)
+    if method == "selfspec":
+        return generate_selfspec(model, heads, prompt_ids, max_new_tokens, eos, on_token=on_token)
+    raise InputError(f"unknown method {method!r}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Greedy, AdaDecode and self-speculative decoding of a Llama model.")
+    ap.add_argument("--model", help="Hugging Face Llama-family folder (default: SmolLM2-135M-Instruct, prepared offline)")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt")
+    src.add_argument("--prompts", help="JSON Lines file: {\"prompt\": ...} or {\"turns\": [...]} per line")
+    ap.add_argument("--raw", action="store_true", help="feed the text as is, without the chat template")
+    ap.add_argument("--method", choices=["greedy", "ada", "selfspec"], default="greedy")
+    ap.add_argument("--heads", help=f"exit heads file (default for the default model: {DEFAULT_HEADS})")
+    ap.add_argument("--threshold", type=float, default=0.75, help="exit when the head's top-1 probability is at least this")
+    ap.add_argument("--max-pending", type=int, default=5, help="at most this many unverified early tokens")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float64"], help="default: float32 on CPU, bfloat16 on CUDA")
+    ap.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    ap.add_argument("--stream", action="store_true", help="print verified text as it is confirmed")
+    a = ap.parse_args(argv)
+    try:
+        if not 0.0 <= a.threshold <= 1.0:
+            raise InputError(f"--threshold must be in [0, 1], got {a.threshold}")
+        dtype = getattr(torch, a.dtype) if a.dtype else default_dtype(a.device)
+        heads_path = a.heads or (DEFAULT_HEADS if a.method != "greedy" and not a.model else None)
+        if a.method != "greedy" and not heads_path:
+            raise InputError(f"--method {a.method} needs --heads for a model other than the default")
+        prompts = [{"prompt": a.prompt}] if a.prompt is not None else read_prompts(a.prompts)
+        model, tok, heads = setup(a.model, heads_path, a.device, dtype)
+        eos = eos_ids(model, tok)
+        for p in prompts:
+            ids = tok.prompt_ids(p["prompt"], raw=a.raw)
+            shown = []
+            def stream(new):
+                shown.extend(new)
+                print(tok.decode(shown)[len(tok.decode(shown[:-len(new)])):], end="", flush=True)
+            r = run(a.method, model, heads, ids, a.max_new_tokens, eos, a.threshold, a.max_pending,
+                    on_token=stream if a.stream and not a.json else None)
+            if a.json:
+                print(json.dumps({"prompt_tokens": r.prompt_tokens, "tokens": r.tokens, "text": tok.decode(r.tokens),
+                                  "seconds": r.seconds, "tokens_per_second": len(r.tokens) / r.seconds if r.seconds else None,
+                                  "prefill_seconds": r.prefill_seconds, "method": a.method,
+                                  "stats": r.stats.summary(len(r.tokens))}))
+            elif a.stream:
+                print()
+            else:
+                print(tok.decode(r.tokens))
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

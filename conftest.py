@@ -1,0 +1,76 @@
+"""Shared test helpers: tiny random Llama checkpoints, the real default model, assert_close."""
+import os
+import random
+
+import pytest
+import torch
+from hypothesis import settings
+
+from model import Tokenizer, eos_ids, load_model, prepare_default_model
+
+# bounded and derandomised in CI, so a run is reproducible and fits the time budget
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, print_blob=True)
+settings.register_profile("dev", max_examples=25, deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+def assert_close(a, b, atol=1e-6, rtol=1e-6, what="tensors"):
+    diff = (a.double() - b.double()).abs()
+    ok = torch.allclose(a.double(), b.double(), atol=atol, rtol=rtol)
+    assert ok, f"{what} differ: max {diff.max().item():.3e}, mean {diff.mean().item():.3e}"
+
+
+def tiny_config(seed=0, n_layers=4, dim=32, n_heads=4, n_kv_heads=2, vocab=97, tie=False, rope_scaling=None,
+                rope_theta=10000.0, max_pos=256):
+    cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=dim, intermediate_size=2 * dim + 8,
+               num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
+               vocab_size=vocab, rms_norm_eps=1e-5, rope_theta=rope_theta, max_position_embeddings=max_pos,
+               tie_word_embeddings=tie, hidden_act="silu", bos_token_id=1, eos_token_id=2)
+    if rope_scaling:
+        cfg["rope_scaling"] = rope_scaling
+    return cfg
+
+
+def save_tiny_checkpoint(folder, cfg, seed=0, scale=1.0):
+    """A random Hugging Face LlamaForCausalLM saved as a checkpoint folder. `scale` widens the
+    random weights so that tiny models make confident, varied predictions."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    hf = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")}))
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) * scale / p.shape[-1] ** 0.5)
+    hf.save_pretrained(folder)
+    return hf
+
+
+def random_llama(seed, dtype=torch.float64, **kw):
+    """A tiny random Llama built directly (no files), for fast property tests."""
+    from model import ModelArgs, Transformer
+    args = ModelArgs.from_hf(tiny_config(**kw))
+    g = torch.Generator().manual_seed(seed)
+    model = Transformer(args).to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g, dtype=dtype))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) * 2.0 / p.shape[-1] ** 0.5)
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def real():
+    """The default model (SmolLM2-135M-Instruct) in float32, with tokenizer and EOS ids."""
+    folder = prepare_default_model()
+    model = load_model(folder, dtype=torch.float32)
+    tok = Tokenizer(folder)
+    return folder, model, tok, eos_ids(model, tok)
+
+
+@pytest.fixture
+def rng():
+    return random.Random(0)

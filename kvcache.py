@@ -1,0 +1,48 @@
+"""
+An explicit key/value cache with one filled length per layer.
+
+Plain decoding keeps every layer at the same length. AdaDecode does not: while a token
+that exited early waits for its deferred layers, the deeper layers lag behind the
+shallow ones, and a rollback cuts them back. So each layer owns its length, the
+buffers are allocated once for the maximum length, and truncation is a pointer move.
+The decoding loop moves the lengths (through `append` and `truncate`); attention only
+reads what it is given.
+
+    cache = KVCache(n_layers=30, n_kv_heads=3, head_dim=64, max_len=2048)
+"""
+import torch
+
+
+class KVCache:
+    def __init__(self, n_layers, n_kv_heads, head_dim, max_len, dtype=torch.float32, device="cpu"):
+        shape = (n_layers, 1, n_kv_heads, max_len, head_dim)  # (L, B=1, H_kv, S_max, D)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = [0] * n_layers
+        self.max_len = max_len
+
+    def append(self, layer, pos, k, v):
+        """Write k, v (B, H_kv, T, D) at positions pos..pos+T-1 of `layer`; return the
+        filled (B, H_kv, pos+T, D) views that attention reads."""
+        T = k.shape[2]
+        if pos != self.lengths[layer]:
+            raise ValueError(f"layer {layer}: writing at position {pos}, but it holds {self.lengths[layer]} entries")
+        if pos + T > self.max_len:
+            raise ValueError(f"KV cache overflow: layer {layer} needs {pos + T} entries, allocated {self.max_len}")
+        self.k[layer, :, :, pos:pos + T] = k
+        self.v[layer, :, :, pos:pos + T] = v
+        self.lengths[layer] = pos + T
+        return self.k[layer, :, :, :pos + T], self.v[layer, :, :, :pos + T]
+
+    def truncate(self, length, layer=None):
+        """Forget everything at positions >= length, in one layer or in all of them."""
+        for l in range(len(self.lengths)) if layer is None else [layer]:
+            self.lengths[l] = min(self.lengths[l], length)
+
+    def reset(self):
+        self.truncate(0)
+
+    def view(self, layer):
+        """The filled (B, H_kv, n, D) keys and values of one layer."""
+        n = self.lengths[layer]
+        return self.k[layer, :, :, :n], self.v[layer, :, :, :n]

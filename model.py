@@ -1,0 +1,364 @@
+"""
+A hand-written Llama forward in plain PyTorch, and the loader for Hugging Face
+Llama-family checkpoint folders (config.json, safetensors, tokenizer.json).
+
+The forward is composable, because AdaDecode needs to stop a token half-way up the
+stack and finish it later, batched with other tokens:
+
+    h = model.embed(tokens)                          # (B, T, dim)
+    h = model.run_layers(h, pos, cache, start, end)  # layers start..end-1, rows at pos..pos+T-1
+    logits = model.logits(h)                         # final norm + LM head
+
+Greedy decoding, early exit, deferred layers and verification all go through
+`run_layers`; there is no second copy of the layer loop.
+
+    python model.py --prepare    # convert the default model once, print its folder
+"""
+import argparse
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kvcache import KVCache
+
+
+class InputError(ValueError):
+    """Bad input from the user (a flag, a prompt, a file); the message says what is wrong."""
+
+
+class CheckpointError(InputError):
+    """A checkpoint folder we cannot use; the message names the problem."""
+
+
+@dataclass
+class ModelArgs:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    ffn_dim: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    head_dim: int | None = None
+    eos_ids: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise CheckpointError(f"{self.n_heads} query heads do not group onto {self.n_kv_heads} KV heads")
+
+    @classmethod
+    def from_hf(cls, cfg: dict):
+        """Build from a Hugging Face config.json dict; refuse what this forward does not compute."""
+        arch = cfg.get("architectures") or []
+        if cfg.get("model_type") != "llama" and "LlamaForCausalLM" not in arch:
+            raise CheckpointError(f"not a Llama-family checkpoint (model_type={cfg.get('model_type')!r}, architectures={arch})")
+        for flag in ("attention_bias", "mlp_bias"):
+            if cfg.get(flag):
+                raise CheckpointError(f"{flag}=true is not supported by this Llama forward")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"hidden_act={cfg['hidden_act']!r} is not supported (Llama uses silu)")
+        # transformers >= 5 writes rope settings as `rope_parameters`; older files use rope_theta/rope_scaling
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in ("default", "linear", "llama3"):
+            raise CheckpointError(f"rope type {kind!r} is not supported (default, linear, llama3 are)")
+        eos = cfg.get("eos_token_id")
+        return cls(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
+                   n_kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+                   vocab_size=cfg["vocab_size"], ffn_dim=cfg["intermediate_size"],
+                   norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=theta,
+                   rope_scaling=None if kind == "default" else rope,
+                   max_seq_len=cfg.get("max_position_embeddings", 2048),
+                   tie_embeddings=cfg.get("tie_word_embeddings", False), head_dim=cfg.get("head_dim"),
+                   eos_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)))
+
+
+def rope_inv_freq(args: ModelArgs):
+    """Rotary frequencies (D/2,), in float32 as Hugging Face computes them, with the
+    Llama-3 long-context rescaling when the config asks for it."""
+    D = args.head_dim
+    inv_freq = 1.0 / args.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D)
+    s = args.rope_scaling
+    if s is None:
+        return inv_freq
+    kind = s.get("rope_type", s.get("type"))
+    if kind == "linear":
+        return inv_freq / s["factor"]
+    # llama3: leave high frequencies alone, divide low ones by `factor`, blend in between
+    factor, lo, hi, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old / lo, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+    return torch.where(medium, blended, scaled)
+
+
+def rotate_half(x):
+    # Hugging Face layout: each head's dimensions are split in two halves, (x1, x2) -> (-x2, x1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in at least float32 (bfloat16 loses too much in the mean of squares)
+        xf = x.float() if x.element_size() < 4 else x
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.H, self.H_kv, self.D = args.n_heads, args.n_kv_heads, args.head_dim
+        # q, k and v projections fused into one matmul: one weight read, one call
+        self.wqkv = nn.Linear(args.dim, (self.H + 2 * self.H_kv) * self.D, bias=False)
+        self.wo = nn.Linear(self.H * self.D, args.dim, bias=False)
+
+    def forward(self, x, pos, cache, layer, cos, sin):
+        B, T, _ = x.shape
+        H, H_kv, D = self.H, self.H_kv, self.D
+        q, k, v = self.wqkv(x).split([H * D, H_kv * D, H_kv * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)        # (B, H, T, D)
+        k = k.view(B, T, H_kv, D).transpose(1, 2)     # (B, H_kv, T, D)
+        v = v.view(B, T, H_kv, D).transpose(1, 2)     # (B, H_kv, T, D)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        k, v = cache.append(layer, pos, k, v)         # (B, H_kv, S, D), S = pos + T
+        # grouped-query attention without repeating KV heads: query head h reads KV head
+        # h // G, so fold each group's G query heads into one KV head's rows
+        G = H // H_kv
+        q = q.reshape(B, H_kv, G * T, D)              # (B, H_kv, G*T, D)
+        mask = None
+        if T > 1:  # row t sees the cache and the new rows up to itself
+            t = torch.arange(T, device=x.device).repeat(G)
+            mask = torch.arange(pos + T, device=x.device)[None, :] <= (pos + t)[:, None]  # (G*T, S)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)   # (B, H_kv, G*T, D)
+        y = y.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.ffn_dim = args.ffn_dim
+        self.w13 = nn.Linear(args.dim, 2 * args.ffn_dim, bias=False)   # gate (w1) and up (w3) fused
+        self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=False)
+
+    def forward(self, x):
+        gate, up = self.w13(x).split(self.ffn_dim, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, pos, cache, layer, cos, sin):
+        h = x + self.attention(self.attention_norm(x), pos, cache, layer, cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        self.rope_cos = self.rope_sin = None
+
+    def new_cache(self, max_len):
+        """A KV cache for `max_len` positions, and the rotary table to match."""
+        if max_len > self.args.max_seq_len:
+            raise ValueError(f"{max_len} positions asked for, the model's context is {self.args.max_seq_len}")
+        w = self.output.weight
+        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32, device=w.device), self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)                  # (S_max, D)
+        self.rope_cos, self.rope_sin = emb.cos().to(w.dtype), emb.sin().to(w.dtype)
+        a = self.args
+        return KVCache(a.n_layers, a.n_kv_heads, a.head_dim, max_len, w.dtype, w.device)
+
+    def embed(self, tokens):
+        return self.tok_embeddings(tokens)                       # (B, T) -> (B, T, dim)
+
+    def run_layers(self, h, pos, cache, start=0, end=None):
+        """Run layers start..end-1 on rows h (B, T, dim) that sit at positions pos..pos+T-1."""
+        T = h.shape[1]
+        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]   # (T, D)
+        for i in range(start, self.args.n_layers if end is None else end):
+            h = self.layers[i](h, pos, cache, i, cos, sin)
+        return h
+
+    def logits(self, h):
+        return self.output(self.norm(h))                         # (B, T, dim) -> (B, T, V)
+
+
+# --- loading Hugging Face checkpoint folders -------------------------------------
+
+def hf_name_map(args: ModelArgs):
+    """Our parameter name -> the list of Hugging Face names concatenated (along dim 0) into it."""
+    m = {"tok_embeddings.weight": ["model.embed_tokens.weight"], "norm.weight": ["model.norm.weight"]}
+    if not args.tie_embeddings:
+        m["output.weight"] = ["lm_head.weight"]
+    for i in range(args.n_layers):
+        p, ours = f"model.layers.{i}.", f"layers.{i}."
+        m[ours + "attention.wqkv.weight"] = [p + f"self_attn.{x}_proj.weight" for x in "qkv"]
+        m[ours + "attention.wo.weight"] = [p + "self_attn.o_proj.weight"]
+        m[ours + "feed_forward.w13.weight"] = [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
+        m[ours + "feed_forward.w2.weight"] = [p + "mlp.down_proj.weight"]
+        m[ours + "attention_norm.weight"] = [p + "input_layernorm.weight"]
+        m[ours + "ffn_norm.weight"] = [p + "post_attention_layernorm.weight"]
+    return m
+
+
+def read_safetensors(folder: Path):
+    from safetensors.torch import load_file
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").exists():
+        shards = ["model.safetensors"]
+    else:
+        raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    state = {}
+    for s in shards:
+        if not (folder / s).exists():
+            raise CheckpointError(f"{folder}: shard {s} named in the index is missing")
+        state.update(load_file(str(folder / s)))
+    return state
+
+
+def load_model(folder, dtype=torch.float32, device="cpu"):
+    """Load a Hugging Face Llama-family folder into a Transformer (eval mode, no grads)."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder}: no config.json (is this a Hugging Face checkpoint folder?)")
+    args = ModelArgs.from_hf(json.loads((folder / "config.json").read_text()))
+    hf = read_safetensors(folder)
+    names = hf_name_map(args)
+    wanted = {n for parts in names.values() for n in parts}
+    ignorable = {"lm_head.weight"} if args.tie_embeddings else set()
+    missing = sorted(wanted - hf.keys())
+    extra = sorted(k for k in hf.keys() - wanted - ignorable if not k.endswith("rotary_emb.inv_freq"))
+    if missing or extra:
+        raise CheckpointError(f"{folder}: weights do not match a Llama of this config: "
+                              f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                              f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
+    with torch.device("meta"):
+        model = Transformer(args)
+    state = {}
+    for ours, parts in names.items():
+        expected = model.state_dict()[ours].shape
+        tensor = torch.cat([hf[p] for p in parts], dim=0) if len(parts) > 1 else hf[parts[0]]
+        if tensor.shape != expected:
+            raise CheckpointError(f"{folder}: {parts} has shape {tuple(tensor.shape)}, config implies {tuple(expected)}")
+        state[ours] = tensor.to(dtype=dtype, device=device)
+    model.load_state_dict(state, strict=False, assign=True)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    model.inv_freq = rope_inv_freq(args).to(device)
+    return model.eval().requires_grad_(False)
+
+
+class Tokenizer:
+    """tokenizer.json for text <-> ids, tokenizer_config.json for the chat template."""
+
+    def __init__(self, folder):
+        from tokenizers import Tokenizer as HFTokenizer
+        folder = Path(folder)
+        if not (folder / "tokenizer.json").is_file():
+            raise CheckpointError(f"{folder}: no tokenizer.json")
+        self.tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        cfg_path = folder / "tokenizer_config.json"
+        self.config = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        self.chat_template = self.config.get("chat_template")
+
+    def encode(self, text, add_special_tokens=True):
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids):
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def token_id(self, name):
+        t = self.config.get(name)
+        t = t.get("content") if isinstance(t, dict) else t
+        return None if t is None else self.tok.token_to_id(t)
+
+    def render_chat(self, user_text):
+        """The chat template applied to one user turn, ending with the assistant prompt."""
+        if not self.chat_template:
+            raise CheckpointError("this tokenizer has no chat template; use raw mode")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(msg):
+            raise CheckpointError(f"chat template: {msg}")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in self.config.items()
+                   if k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        return env.from_string(self.chat_template).render(
+            messages=[{"role": "user", "content": user_text}], add_generation_prompt=True, **special)
+
+    def prompt_ids(self, text, raw=False):
+        if raw:
+            return self.encode(text)
+        return self.encode(self.render_chat(text), add_special_tokens=False)
+
+
+def eos_ids(model, tokenizer):
+    ids = set(model.args.eos_ids)
+    t = tokenizer.token_id("eos_token")
+    if t is not None:
+        ids.add(t)
+    return ids
+
+
+def default_model_dir():
+    return Path(os.environ.get("ADADECODE_HOME", Path.home() / ".cache" / "adadecode")) / "SmolLM2-135M-Instruct"
+
+
+def prepare_default_model():
+    """The default model's folder, converted from its GGUF file on first use."""
+    folder = default_model_dir()
+    if not (folder / "model.safetensors").exists():
+        from gguf_to_hf import convert_smollm2
+        convert_smollm2(folder)
+    return folder
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    ap.add_argument("--prepare", action="store_true", help="convert the default model if needed; print its folder")
+    a = ap.parse_args()
+    if a.prepare:
+        print(prepare_default_model())
+    else:
+        ap.print_help()

@@ -1,0 +1,176 @@
+"""The hand-written Llama against Hugging Face transformers, the KV cache, the loader's errors.
+
+    pytest -q test_model.py
+"""
+import json
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from adadecode import generate_greedy, main, read_prompts
+from conftest import assert_close, random_llama, save_tiny_checkpoint, tiny_config
+from kvcache import KVCache
+from model import CheckpointError, InputError, load_model
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+CONFIGS = [  # (name, tiny_config kwargs): GQA ratios, rope variants, tied and untied heads
+    ("mha-untied", dict(n_heads=4, n_kv_heads=4)),
+    ("gqa2-tied", dict(n_heads=4, n_kv_heads=2, tie=True)),
+    ("mqa-llama3-rope", dict(n_heads=6, n_kv_heads=1, dim=48, rope_scaling=LLAMA3_ROPE, rope_theta=500000.0)),
+    ("gqa3-linear-rope", dict(n_heads=6, n_kv_heads=2, dim=48, rope_scaling={"type": "linear", "factor": 2.0})),
+]
+
+
+@pytest.mark.parametrize("name,kw", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_forward_matches_transformers(tmp_path, name, kw):
+    cfg = tiny_config(**kw)
+    hf = save_tiny_checkpoint(tmp_path, cfg, seed=1, scale=3.0).double().eval()
+    ours = load_model(tmp_path, dtype=torch.float64)
+    tokens = torch.randint(0, cfg["vocab_size"], (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(tokens).logits
+        got = ours.logits(ours.run_layers(ours.embed(tokens), 0, ours.new_cache(40)))
+    # transformers' RMSNorm computes in float32 even for a float64 model, hence ~1e-5 and not 1e-12
+    assert_close(got, ref, atol=3e-4, rtol=3e-4, what="logits")
+    with torch.no_grad():
+        hf_tokens = hf.generate(tokens[:, :8], max_new_tokens=24, do_sample=False, eos_token_id=None,
+                                pad_token_id=0)[0, 8:].tolist()
+    assert generate_greedy(ours, tokens[0, :8].tolist(), 24).tokens == hf_tokens
+
+
+def test_incremental_forward_equals_full_recompute():
+    model = random_llama(3, n_heads=6, n_kv_heads=3, dim=48)
+    tokens = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(1))
+    full = model.logits(model.run_layers(model.embed(tokens), 0, model.new_cache(30)))
+    cache = model.new_cache(30)
+    steps = [model.logits(model.run_layers(model.embed(tokens[:, :10]), 0, cache))]
+    for p in range(10, 30, 4):   # blocks of several rows, like deferred rows joining a call
+        steps.append(model.logits(model.run_layers(model.embed(tokens[:, p:p + 4]), p, cache)))
+    assert_close(torch.cat(steps, 1), full, atol=1e-10, rtol=1e-10, what="incremental vs full logits")
+
+
+@given(n1=st.integers(1, 20), cut=st.integers(0, 20), n2=st.integers(1, 12), seed=st.integers(0, 99))
+def test_cache_truncate_then_extend_equals_fresh(n1, cut, n2, seed):
+    cut = min(cut, n1)
+    model = random_llama(seed % 5, n_layers=2)
+    g = torch.Generator().manual_seed(seed)
+    first, second = torch.randint(0, 97, (1, n1), generator=g), torch.randint(0, 97, (1, n2), generator=g)
+    cache = model.new_cache(40)
+    model.run_layers(model.embed(first), 0, cache)
+    cache.truncate(cut)
+    out = model.run_layers(model.embed(second), cut, cache)
+    fresh = model.new_cache(40)
+    ref = model.run_layers(model.embed(torch.cat([first[:, :cut], second], 1)), 0, fresh)[:, cut:]
+    assert cache.lengths == fresh.lengths == [cut + n2] * 2
+    assert_close(out, ref, atol=1e-10, rtol=1e-10, what="hidden states after truncate + extend")
+    for l in range(2):
+        assert_close(cache.view(l)[0], fresh.view(l)[0], atol=1e-10, rtol=1e-10, what=f"layer {l} keys")
+
+
+def test_cache_per_layer_lengths_and_overflow():
+    cache = KVCache(n_layers=3, n_kv_heads=1, head_dim=4, max_len=5)
+    kv = torch.ones(1, 1, 3, 4)
+    cache.append(0, 0, kv, kv)
+    cache.append(1, 0, kv[:, :, :2], kv[:, :, :2])
+    assert cache.lengths == [3, 2, 0]            # layers may lag each other
+    cache.truncate(1, layer=0)
+    assert cache.lengths == [1, 2, 0]
+    with pytest.raises(ValueError, match="holds 2"):
+        cache.append(1, 0, kv, kv)               # writing where entries already are
+    with pytest.raises(ValueError, match="overflow"):
+        cache.append(1, 2, torch.ones(1, 1, 4, 4), torch.ones(1, 1, 4, 4))
+    cache.reset()
+    assert cache.lengths == [0, 0, 0]
+
+
+PROMPTS = ["Write a Python function that returns the n-th Fibonacci number.",
+           "What is 17 times 23? Explain step by step.",
+           "Summarise in one sentence: The city council met on Tuesday to discuss the new park. "
+           "After two hours of debate they approved the budget, and work starts in spring.",
+           "Hi! How are you today?"]
+
+
+def test_default_model_greedy_matches_transformers(real):
+    from transformers import LlamaForCausalLM
+    folder, model, tok, eos = real
+    hf = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    for text in PROMPTS:
+        ids = tok.prompt_ids(text)
+        ours = generate_greedy(model, ids, 48, eos).tokens
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False)[0, len(ids):].tolist()
+        assert ours == ref, text
+
+
+def test_tokenizer_round_trip_and_chat_template(real):
+    from transformers import PreTrainedTokenizerFast
+    folder, model, tok, eos = real
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    for text in ["def f(x):\n    return x ** 2  # 12345", "Café naïve – 你好 🙂", "  leading spaces\tand tabs\n"]:
+        ids = tok.encode(text)
+        assert ids == hf.encode(text)
+        assert tok.decode(ids) == text
+    rendered = tok.render_chat("Hello")
+    assert rendered == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                        "<|im_end|>\n<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n")
+    hf.chat_template = tok.chat_template
+    assert rendered == hf.apply_chat_template([{"role": "user", "content": "Hello"}], tokenize=False,
+                                              add_generation_prompt=True)
+    assert tok.prompt_ids("Hello")[:1] == [1] and eos == {2}
+
+
+# --- error paths: a one-line message, never a traceback from inside torch ----------
+
+def test_loader_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_model(tmp_path / "nowhere")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(CheckpointError, match="not a Llama-family"):
+        load_model(tmp_path)
+    cfg = tiny_config()
+    save_tiny_checkpoint(tmp_path / "a", cfg)
+    (tmp_path / "a" / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 99}))
+    with pytest.raises(CheckpointError, match="shape"):
+        load_model(tmp_path / "a")
+    (tmp_path / "a" / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 5}))
+    with pytest.raises(CheckpointError, match="missing"):
+        load_model(tmp_path / "a")
+    (tmp_path / "a" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_model(tmp_path / "a")
+
+
+def test_prompt_errors(tmp_path):
+    model = random_llama(0, max_pos=16)
+    with pytest.raises(InputError, match="context"):
+        generate_greedy(model, list(range(16)), 4)
+    with pytest.raises(InputError, match="empty"):
+        generate_greedy(model, [], 4)
+    # the context limit stops generation cleanly
+    assert len(generate_greedy(model, list(range(10)), 50).tokens) == 6
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(InputError, match="no prompts"):
+        read_prompts(tmp_path / "empty.jsonl")
+    (tmp_path / "p.jsonl").write_text('{"turns": ["first", "second"]}\n{"prompt": "x", "category": "c"}\n')
+    assert [p["prompt"] for p in read_prompts(tmp_path / "p.jsonl")] == ["first", "x"]
+
+
+def test_cli_errors_exit_nonzero(tmp_path, capsys):
+    assert main(["--model", str(tmp_path), "--prompt", "hi"]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    assert main(["--prompt", "hi", "--method", "ada", "--threshold", "1.5"]) == 2
+    assert "[0, 1]" in capsys.readouterr().err
+    (tmp_path / "e.jsonl").write_text("")
+    assert main(["--prompts", str(tmp_path / "e.jsonl")]) == 2
+    assert "no prompts" in capsys.readouterr().err
+
+
+def test_cli_json_greedy(real, capsys):
+    assert main(["--prompt", "What is 2+2?", "--max-new-tokens", "8", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    folder, model, tok, eos = real
+    assert row["prompt_tokens"] == tok.prompt_ids("What is 2+2?")
+    assert row["tokens"] == generate_greedy(model, row["prompt_tokens"], 8, eos).tokens
+    assert row["tokens_per_second"] > 0 and row["text"] == tok.decode(row["tokens"])
