@@ -66,6 +66,7 @@ class GenerationResult:
     seconds: float                 # decode wall time, prefill excluded
     prefill_seconds: float
     stats: Stats
+    cache: object = None           # the KV cache as generation left it (tests inspect it)
 
 
 def sync(device):
@@ -113,7 +114,7 @@ def generate_greedy(model, prompt, max_new_tokens, eos=(), on_token=None):
         stats.count_call(1, L)
         out.append(int(model.logits(h[:, -1]).argmax(-1)))
     sync(device)
-    return GenerationResult(prompt, out, time.perf_counter() - t1, t1 - t0, stats)
+    return GenerationResult(prompt, out, time.perf_counter() - t1, t1 - t0, stats, cache)
 
 
 @dataclass
@@ -180,7 +181,7 @@ def generate_ada(model, heads, prompt, max_new_tokens, eos=(), threshold=0.75, m
         else:
             out, exit_layer = verify(model, cache, h, len(prompt), out, exit_layer, stats)
     sync(device)
-    return GenerationResult(prompt, out, time.perf_counter() - t1, t1 - t0, stats)
+    return GenerationResult(prompt, out, time.perf_counter() - t1, t1 - t0, stats, cache)
 
 
 def verify(model, cache, h, n_prompt, out, exit_layer, stats):

@@ -65,7 +65,8 @@ class ExitHeads(nn.Module):
 
     def predict(self, layer, h):
         """(token, confidence) of the head after `layer` for one hidden state h (d,)."""
-        p = torch.softmax(self.logits(layer, h).float(), dim=-1)
+        z = self.logits(layer, h)
+        p = torch.softmax(z.float() if z.element_size() < 4 else z, dim=-1)   # at least float32
         conf, tok = p.max(dim=-1)
         return int(tok), float(conf)
 
