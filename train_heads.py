@@ -1,0 +1,269 @@
+"""
+Train AdaDecode exit heads: KL(p_final || p_head) at every response position, with the
+base model frozen and only each head's d x d transform trained (Wei et al. 2025).
+
+Training text is what the heads will see at inference: the model's own greedy
+responses to prompts of the target domain, generated once in batches and cached on
+disk. The default domain is code: "complete this function" requests built from the
+signatures and docstrings of pure-Python functions in the standard library (never
+HumanEval, which bench.py reports). A held-out split is evaluated at the end: per head,
+top-1 agreement with the final layer, and coverage / precision at thresholds 0.5, 0.75,
+0.9, stored in the heads file; a calibration plot is written next to it.
+
+    python train_heads.py                                   # the shipped heads, ~20 min on 2 CPU cores
+    python train_heads.py --layers 6 12 18 --out my_heads.safetensors
+    python train_heads.py --prompts my_prompts.jsonl --model path/to/hf/llama
+"""
+import argparse
+import hashlib
+import inspect
+import json
+import math
+import os
+import random
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from adadecode import read_prompts
+from heads import ExitHeads
+from model import InputError, Tokenizer, default_model_dir, eos_ids, load_model, prepare_default_model
+
+CODE_REQUEST = "Complete the following Python function.\n\n```python\n{code}```"
+STDLIB_MODULES = ["string", "textwrap", "json", "posixpath", "shutil", "glob", "fnmatch", "heapq", "bisect",
+                  "statistics", "fractions", "difflib", "csv", "calendar", "colorsys", "base64", "html",
+                  "urllib.parse", "ipaddress", "random", "copy", "pprint", "inspect", "email.utils", "gzip",
+                  "argparse", "configparser", "logging", "quopri", "uu", "shlex", "filecmp", "tempfile", "zipfile",
+                  "tarfile", "mimetypes", "platform", "locale", "gettext", "codecs", "dataclasses", "enum",
+                  "typing", "ast", "dis", "tokenize", "keyword", "linecache", "traceback", "warnings", "contextlib",
+                  "abc", "numbers", "operator", "weakref", "types", "collections", "functools", "re", "sre_parse",
+                  "datetime", "decimal", "ftplib", "smtplib", "http.client", "http.cookies", "wsgiref.util",
+                  "xml.dom.minidom", "plistlib", "sched", "queue", "threading", "subprocess", "os", "ntpath",
+                  "pathlib", "genericpath", "zoneinfo", "graphlib", "secrets", "hmac", "hashlib", "uuid",
+                  "optparse", "getopt", "cmd", "code", "pdb", "timeit", "trace", "pickletools", "py_compile",
+                  "compileall", "sysconfig", "site", "imaplib", "poplib", "mailbox", "nntplib", "webbrowser"]
+
+
+def stdlib_function_prompts():
+    """One "complete this function" request per documented public function of the modules above."""
+    import importlib
+    import warnings
+    seen, prompts = set(), []
+    for name in STDLIB_MODULES:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                mod = importlib.import_module(name)
+        except Exception:
+            continue
+        for fname, fn in inspect.getmembers(mod, inspect.isfunction):
+            doc = inspect.getdoc(fn)
+            if fname.startswith("_") or fn.__module__ != mod.__name__ or not doc or (name, fname) in seen:
+                continue
+            try:
+                sig = str(inspect.signature(fn))
+            except (TypeError, ValueError):
+                continue
+            seen.add((name, fname))
+            doc = doc.split("\n\n")[0].strip().replace('"""', "'''")
+            code = f'def {fname}{sig}:\n    """{textwrap.indent(doc, "    ").strip()}\n    """\n'
+            prompts.append({"prompt": CODE_REQUEST.format(code=code), "source": f"{name}.{fname}"})
+    return prompts
+
+
+def generate_responses(folder, prompt_ids, max_new_tokens, cache_file, batch_size=16):
+    """The model's greedy responses, in batches through transformers (left-padded; this
+    engine is batch-1 by design), appended to a JSON Lines cache so that a rerun resumes."""
+    done = {}
+    if cache_file.exists():
+        for line in cache_file.read_text().splitlines():
+            row = json.loads(line)
+            done[tuple(row["prompt_ids"])] = row["response_ids"]
+    todo = [p for p in dict.fromkeys(map(tuple, prompt_ids)) if p not in done]
+    if todo:
+        from transformers import LlamaForCausalLM
+        hf = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        cfg = hf.generation_config
+        eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, int) else cfg.eos_token_id[0]
+        todo.sort(key=len)                                  # similar lengths batch with little padding
+        with open(cache_file, "a") as f, torch.inference_mode():
+            for i in tqdm(range(0, len(todo), batch_size), desc="generating responses", unit="batch"):
+                batch = todo[i:i + batch_size]
+                width = max(map(len, batch))
+                ids = torch.tensor([[eos] * (width - len(p)) + list(p) for p in batch])
+                mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+                out = hf.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                  pad_token_id=eos)[:, width:]
+                for p, row in zip(batch, out.tolist()):
+                    resp = row[:row.index(eos) + 1] if eos in row else row
+                    done[p] = resp
+                    f.write(json.dumps({"prompt_ids": list(p), "response_ids": resp}) + "\n")
+    return [done[tuple(p)] for p in prompt_ids]
+
+
+@torch.inference_mode()
+def collect_features(model, layers, sequences):
+    """Hidden states after each head layer and after the last layer, at every position
+    that predicts a response token (the last prompt position and all response positions
+    but the final one). Returns ({layer: (N, d)}, (N, d))."""
+    feats, final = {l: [] for l in layers}, []
+    for prompt, response in tqdm(sequences, desc="collecting hidden states", unit="seq"):
+        ids = torch.tensor([prompt + response[:-1]])
+        cache, h, start = model.new_cache(ids.shape[1]), model.embed(ids), 0
+        keep = slice(len(prompt) - 1, None)
+        for l in layers + [model.args.n_layers]:
+            h = model.run_layers(h, 0, cache, start, l)
+            start = l
+            (final if l == model.args.n_layers else feats[l]).append(h[0, keep].clone())
+    return {l: torch.cat(v) for l, v in feats.items()}, torch.cat(final)
+
+
+def kl_loss(heads, feats, final, idx):
+    """Mean over positions of KL(p_final || p_head), summed over heads."""
+    norm, output = heads._frozen
+    with torch.no_grad():
+        teacher = F.log_softmax(output(norm(final[idx])).float(), dim=-1)    # (B, V)
+    loss = 0.0
+    for l in heads.layers:
+        student = F.log_softmax(heads.logits(l, feats[l][idx]).float(), dim=-1)
+        loss = loss + F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+    return loss
+
+
+@torch.no_grad()
+def evaluate(heads, feats, final, thresholds=(0.5, 0.75, 0.9), batch=512):
+    """Per head layer: top-1 agreement with the final layer; coverage and precision per threshold;
+    and (confidence, correct) pairs for the calibration plot."""
+    norm, output = heads._frozen
+    target = torch.cat([output(norm(final[i:i + batch])).argmax(-1) for i in range(0, len(final), batch)])
+    table, points = {}, {}
+    for l in heads.layers:
+        conf, pred = [], []
+        for i in range(0, len(final), batch):
+            c, p = torch.softmax(heads.logits(l, feats[l][i:i + batch]).float(), -1).max(-1)
+            conf.append(c), pred.append(p)
+        conf, right = torch.cat(conf), torch.cat(pred) == target
+        row = {"agreement": right.float().mean().item()}
+        for t in thresholds:
+            sure = conf >= t
+            row[f"coverage@{t}"] = sure.float().mean().item()
+            row[f"precision@{t}"] = right[sure].float().mean().item() if sure.any() else float("nan")
+        table[l], points[l] = row, (conf, right)
+    return table, points
+
+
+def format_table(table, thresholds=(0.5, 0.75, 0.9)):
+    head = "layer  agree  " + "  ".join(f"cov@{t:<4} prec@{t:<4}" for t in thresholds)
+    lines = [head]
+    for l, r in table.items():
+        lines.append(f"{l:>5}  {r['agreement']:.3f}  " + "  ".join(
+            f"{r[f'coverage@{t}']:.3f}    {r[f'precision@{t}']:.3f}    " for t in thresholds))
+    return "\n".join(lines)
+
+
+def calibration_plot(points, path, bins=10):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfectly calibrated")
+    for l, (conf, right) in points.items():
+        b = (conf * bins).long().clamp(max=bins - 1)
+        xs = [conf[b == i].mean().item() for i in range(bins) if (b == i).any()]
+        ys = [right[b == i].float().mean().item() for i in range(bins) if (b == i).any()]
+        ax.plot(xs, ys, "o-", label=f"head after layer {l}")
+    ax.set_xlabel("head confidence (top-1 probability)")
+    ax.set_ylabel("accuracy (agrees with the final layer)")
+    ax.set_title("Exit-head calibration, held-out split")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Train AdaDecode exit heads (KL to the frozen model's final layer).")
+    ap.add_argument("--model", help="Hugging Face Llama-family folder (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--layers", type=int, nargs="+", default=[8, 15, 22], help="head after each of these layers")
+    ap.add_argument("--prompts", help="JSON Lines prompt file (default: stdlib 'complete this function' requests)")
+    ap.add_argument("--raw", action="store_true", help="no chat template around the prompts")
+    ap.add_argument("--n", type=int, default=400, help="number of prompts (train + held-out)")
+    ap.add_argument("--heldout", type=float, default=0.15, help="fraction of prompts held out for evaluation")
+    ap.add_argument("--max-new-tokens", type=int, default=128, help="length of each generated response")
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=128, help="positions per optimisation step")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="heads/smollm2-135m-instruct.safetensors")
+    a = ap.parse_args(argv)
+    try:
+        torch.manual_seed(a.seed)
+        folder = Path(a.model) if a.model else prepare_default_model()
+        model, tok = load_model(folder), Tokenizer(folder)
+        heads = ExitHeads(model, a.layers)
+        if a.prompts:
+            prompts, source = read_prompts(a.prompts), f"prompt file {Path(a.prompts).name}"
+        else:
+            prompts, source = stdlib_function_prompts(), "stdlib 'complete this function' requests"
+        random.Random(a.seed).shuffle(prompts)
+        prompts = prompts[:a.n]
+        if len(prompts) < 4:
+            raise InputError(f"need at least 4 prompts, got {len(prompts)}")
+        n_held = max(1, int(len(prompts) * a.heldout))
+        prompt_ids = [tok.prompt_ids(p["prompt"], raw=a.raw) for p in prompts]
+        cache_dir = Path(os.environ.get("ADADECODE_HOME", default_model_dir().parent)) / "train"
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        key = hashlib.sha256(f"{folder.resolve()}|{a.max_new_tokens}".encode()).hexdigest()[:12]
+        responses = generate_responses(folder, prompt_ids, a.max_new_tokens, cache_dir / f"responses-{key}.jsonl")
+        seqs = [(p, r) for p, r in zip(prompt_ids, responses) if r]
+        held, train = seqs[:n_held], seqs[n_held:]
+        tr_feats, tr_final = collect_features(model, heads.layers, train)
+        ho_feats, ho_final = collect_features(model, heads.layers, held)
+        print(f"{len(train)} training sequences ({len(tr_final)} positions), {len(held)} held out ({len(ho_final)})")
+
+        before, _ = evaluate(heads, ho_feats, ho_final)
+        heads.requires_grad_(True)
+        opt = torch.optim.Adam([heads.T], lr=a.lr)
+        steps = a.epochs * math.ceil(len(tr_final) / a.batch)
+        warm = max(1, int(0.03 * steps))   # cosine schedule with 3% warm-up, as in the paper
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / (steps - warm))))
+        bar = tqdm(total=steps, desc="training heads", unit="step")
+        for epoch in range(a.epochs):
+            for idx in torch.randperm(len(tr_final)).split(a.batch):
+                loss = kl_loss(heads, tr_feats, tr_final, idx)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                bar.update()
+                bar.set_postfix(kl=f"{loss.item():.3f}", epoch=epoch)
+        bar.close()
+        heads.requires_grad_(False)
+
+        table, points = evaluate(heads, ho_feats, ho_final)
+        print("held-out evaluation, untrained (identity = logit lens):\n" + format_table(before))
+        print("held-out evaluation, trained:\n" + format_table(table))
+        out = Path(a.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        plot = out.with_suffix(".calibration.png")
+        calibration_plot(points, plot)
+        heads.save(out, training={"source": source, "prompts": len(train), "positions": len(tr_final),
+                                  "max_new_tokens": a.max_new_tokens, "epochs": a.epochs, "lr": a.lr,
+                                  "batch": a.batch, "seed": a.seed, "command": " ".join(sys.argv)},
+                   evaluation={"heldout_prompts": len(held), "heldout_positions": len(ho_final),
+                               "trained": {str(k): v for k, v in table.items()},
+                               "identity": {str(k): v for k, v in before.items()}})
+        print(f"saved {out} and {plot}")
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
