@@ -8,6 +8,13 @@ We apply the final RMSNorm after T (the paper does not say where it goes), so an
 untrained head is exactly the logit lens and T only has to learn a correction.
 Confidence is the head's top-1 softmax probability.
 
+The check is not free: on SmolLM2-135M the vocabulary projection reads as many bytes
+as three layers. A head set may carry a shortlist (the K tokens the model emits most
+often in the training responses); the check then projects onto those K rows only and
+takes the softmax over them. That over-estimates confidence and misses tokens outside
+the list, but a wrong early token costs only a rollback: verification keeps the output
+exact whatever the head says.
+
 A head set is a safetensors file: the transforms, the layers they sit after, a
 fingerprint of the model they were trained for, and the training description and
 evaluation figures (JSON in the metadata).
@@ -57,14 +64,32 @@ class ExitHeads(nn.Module):
         self._frozen = (model.norm, model.output)   # a tuple: not registered, not saved, not trained
         self.fingerprint = model_fingerprint(model)
         self.meta = {}
+        self.shortlist = None
+
+    def set_shortlist(self, token_ids):
+        """Check confidence over these tokens only (None: the whole vocabulary)."""
+        if token_ids is None:
+            self.shortlist = None
+            return self
+        w = self._frozen[1].weight
+        self.shortlist = torch.as_tensor(token_ids, dtype=torch.long, device=w.device)
+        self._short_w = w[self.shortlist].contiguous()                  # (K, d): read in place by the check
+        return self
 
     def logits(self, layer, h):
         """Head logits (..., V) for hidden states h (..., d) after `layer`."""
         norm, output = self._frozen
         return output(norm(h @ self.T[self.index[layer]].T))
 
+    @torch.no_grad()
     def predict(self, layer, h):
         """(token, confidence) of the head after `layer` for one hidden state h (d,)."""
+        if self.shortlist is not None:
+            norm = self._frozen[0]
+            z = norm(h @ self.T[self.index[layer]].T) @ self._short_w.T   # (K,)
+            p = torch.softmax(z.float() if z.element_size() < 4 else z, dim=-1)
+            conf, j = p.max(dim=-1)
+            return int(self.shortlist[j]), float(conf)
         z = self.logits(layer, h)
         p = torch.softmax(z.float() if z.element_size() < 4 else z, dim=-1)   # at least float32
         conf, tok = p.max(dim=-1)
@@ -74,7 +99,10 @@ class ExitHeads(nn.Module):
         from safetensors.torch import save_file
         self.meta.update(meta)
         info = {"layers": json.dumps(self.layers), "fingerprint": self.fingerprint, "meta": json.dumps(self.meta)}
-        save_file({"T": self.T.detach().float().cpu().contiguous()}, str(path), metadata=info)
+        tensors = {"T": self.T.detach().float().cpu().contiguous()}
+        if self.shortlist is not None:
+            tensors["shortlist"] = self.shortlist.cpu()
+        save_file(tensors, str(path), metadata=info)
 
     @classmethod
     def load(cls, path, model):
@@ -82,6 +110,7 @@ class ExitHeads(nn.Module):
         try:
             with safe_open(str(path), framework="pt") as f:
                 info, T = f.metadata() or {}, f.get_tensor("T")
+                shortlist = f.get_tensor("shortlist") if "shortlist" in f.keys() else None
         except FileNotFoundError:
             raise InputError(f"{path}: no such heads file")
         except Exception as e:
@@ -94,4 +123,5 @@ class ExitHeads(nn.Module):
         w = model.output.weight
         heads = cls(model, json.loads(info["layers"]), T.to(w.device))
         heads.meta = json.loads(info.get("meta", "{}"))
+        heads.set_shortlist(shortlist)
         return heads.requires_grad_(False)

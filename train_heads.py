@@ -23,6 +23,7 @@ import os
 import random
 import sys
 import textwrap
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -197,6 +198,8 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--batch", type=int, default=128, help="positions per optimisation step")
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--shortlist", type=int, default=2048,
+                    help="exit checks look at the K tokens most frequent in the training responses (0: whole vocabulary)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="heads/smollm2-135m-instruct.safetensors")
     a = ap.parse_args(argv)
@@ -244,6 +247,11 @@ def main(argv=None):
                 bar.set_postfix(kl=f"{loss.item():.3f}", epoch=epoch)
         bar.close()
         heads.requires_grad_(False)
+        if a.shortlist:
+            counts = Counter(t for _, r in train for t in r)
+            heads.set_shortlist(sorted(t for t, _ in counts.most_common(a.shortlist)))
+            covered = sum(t in set(heads.shortlist.tolist()) for _, r in held for t in r) / sum(len(r) for _, r in held)
+            print(f"shortlist of {len(heads.shortlist)} tokens covers {covered:.1%} of held-out response tokens")
 
         table, points = evaluate(heads, ho_feats, ho_final)
         print("held-out evaluation, untrained (identity = logit lens):\n" + format_table(before))
@@ -254,7 +262,8 @@ def main(argv=None):
         calibration_plot(points, plot)
         heads.save(out, training={"source": source, "prompts": len(train), "positions": len(tr_final),
                                   "max_new_tokens": a.max_new_tokens, "epochs": a.epochs, "lr": a.lr,
-                                  "batch": a.batch, "seed": a.seed, "command": " ".join(sys.argv)},
+                                  "batch": a.batch, "seed": a.seed, "shortlist": a.shortlist,
+                                  "command": " ".join(sys.argv)},
                    evaluation={"heldout_prompts": len(held), "heldout_positions": len(ho_final),
                                "trained": {str(k): v for k, v in table.items()},
                                "identity": {str(k): v for k, v in before.items()}})

@@ -1,0 +1,83 @@
+"""Exit heads: logit lens at identity, KL training works, save/load, refusals.
+
+    pytest -q test_heads.py
+"""
+import pytest
+import torch
+
+from adadecode import DEFAULT_HEADS, main
+from conftest import assert_close, random_llama
+from heads import ExitHeads
+from model import InputError
+from train_heads import collect_features, evaluate, kl_loss
+
+
+def test_identity_head_is_the_logit_lens():
+    model = random_llama(1)
+    h = torch.randn(5, model.args.dim, dtype=torch.float64)
+    heads = ExitHeads(model, [1, 3])
+    assert_close(heads.logits(3, h), model.logits(h), atol=1e-12, rtol=1e-12, what="identity head vs lm_head(norm(h))")
+    tok, conf = heads.predict(1, h[0])
+    p = torch.softmax(model.logits(h[0]), -1)
+    assert tok == int(p.argmax()) and conf == pytest.approx(float(p.max()))
+
+
+def test_training_lowers_the_kl():
+    model = random_llama(2, n_layers=4)
+    g = torch.Generator().manual_seed(0)
+    seqs = [(torch.randint(0, 97, (6,), generator=g).tolist(), torch.randint(0, 97, (10,), generator=g).tolist())
+            for _ in range(6)]
+    heads = ExitHeads(model, [1, 2])
+    feats, final = collect_features(model, heads.layers, seqs)
+    assert final.shape == (6 * 10, model.args.dim)      # last prompt position + all response positions but the last
+    idx = torch.arange(len(final))
+    before = kl_loss(heads, feats, final, idx).item()
+    heads.requires_grad_(True)
+    opt = torch.optim.Adam([heads.T], lr=1e-2)
+    for _ in range(20):
+        loss = kl_loss(heads, feats, final, idx)
+        opt.zero_grad(), loss.backward(), opt.step()
+    after = kl_loss(heads, feats, final, idx).item()
+    assert after < 0.7 * before, (before, after)
+    table, _ = evaluate(heads.requires_grad_(False), feats, final)
+    assert set(table) == {1, 2} and all(0 <= r["agreement"] <= 1 for r in table.values())
+
+
+def test_save_load_round_trip_and_refusals(tmp_path):
+    model = random_llama(3)
+    heads = ExitHeads(model, [2, 4], torch.randn(2, model.args.dim, model.args.dim, dtype=torch.float64))
+    heads.set_shortlist([5, 7, 11])
+    heads.save(tmp_path / "h.safetensors", evaluation={"x": 1})
+    back = ExitHeads.load(tmp_path / "h.safetensors", model)
+    assert back.layers == [2, 4] and back.meta["evaluation"] == {"x": 1}
+    assert_close(back.T, heads.T.float().double(), atol=1e-6, what="transforms")   # stored in float32
+    assert back.shortlist.tolist() == [5, 7, 11] and back.predict(2, torch.randn(model.args.dim, dtype=torch.float64))[0] in (5, 7, 11)
+    with pytest.raises(InputError, match="another model"):
+        ExitHeads.load(tmp_path / "h.safetensors", random_llama(4))
+    with pytest.raises(InputError, match="no such heads file"):
+        ExitHeads.load(tmp_path / "missing.safetensors", model)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(InputError, match="not a heads file"):
+        ExitHeads.load(tmp_path / "junk.safetensors", model)
+
+
+@pytest.mark.parametrize("layers", [[0], [9], [3, 3], [4, 2], [1.5]])
+def test_bad_layer_indices_are_rejected(layers):
+    with pytest.raises(InputError, match="layer"):
+        ExitHeads(random_llama(0, n_layers=8), layers)
+
+
+def test_shipped_heads_load_for_the_default_model_and_refuse_others(real, tmp_path, capsys):
+    folder, model, tok, eos = real
+    heads = ExitHeads.load(DEFAULT_HEADS, model)
+    assert heads.layers == [8, 15, 22] and heads.shortlist is not None
+    ev = heads.meta["evaluation"]["trained"]
+    assert all(ev[str(l)]["agreement"] > ev_id["agreement"]
+               for l, ev_id in zip(heads.layers, (heads.meta["evaluation"]["identity"][str(l)] for l in heads.layers)))
+    # a tiny random checkpoint with the heads of the default model: a clear refusal, exit code 2
+    from conftest import save_tiny_checkpoint, tiny_config
+    save_tiny_checkpoint(tmp_path, tiny_config())
+    import shutil
+    shutil.copy(folder / "tokenizer.json", tmp_path / "tokenizer.json")
+    assert main(["--model", str(tmp_path), "--prompt", "hi", "--raw", "--method", "ada", "--heads", DEFAULT_HEADS]) == 2
+    assert "another model" in capsys.readouterr().err
