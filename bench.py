@@ -179,8 +179,9 @@ def plots(out, rows, summary, trace, thresholds, n_layers, heads_layers):
         ys = [rate.get(str(l), 0.0) for l in heads_layers]
         ax.bar([str(x) + ("\n(full)" if x == n_layers else "") for x in xs], ys + [max(0.0, 1 - sum(ys))],
                alpha=0.6, label=label)
-    ax.set_xlabel("layer the token was emitted at"), ax.set_ylabel("fraction of tokens")
-    ax.set_title("Where tokens exit"), ax.legend(fontsize=8)
+    ax.set_xlabel("head layer (last bar: the rest, decided by the full model)")
+    ax.set_ylabel("early tokens / generated tokens")
+    ax.set_title("Early exits per head (rejected ones included)"), ax.legend(fontsize=8)
     fig.tight_layout(), fig.savefig(out / "exit_layers.png", dpi=110), plt.close(fig)
     files.append("exit_layers.png")
     if trace:
