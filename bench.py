@@ -104,7 +104,7 @@ def hf_greedy(hf, ids, max_new, device):
     return out[0, len(ids):].tolist(), time.perf_counter() - t
 
 
-def summarise(rows, methods, heads_layers):
+def summarise(rows):
     """Per (method, threshold): throughput, speedups, exit statistics, parity."""
     by = defaultdict(list)
     for r in rows:
@@ -152,7 +152,7 @@ def print_table(summary, title):
                                             f(s["parity"], ".0%")]))
 
 
-def plots(out, rows, summary, trace, thresholds, n_layers, heads_layers):
+def plots(out, summary, trace, thresholds, n_layers, heads_layers):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -290,9 +290,9 @@ def main(argv=None):
                 toks, secs = hf_greedy(hf, x, a.max_new_tokens, a.device)
                 rows.append(result_row(i, p, "hf", "hf", None, toks, ref, secs, 0.0, {}, model, x))
 
-        summary = summarise(rows, methods, heads.layers if heads else [])
+        summary = summarise(rows)
         cats = sorted({r["category"] for r in rows})
-        per_cat = {c: summarise([r for r in rows if r["category"] == c], methods, []) for c in cats} if len(cats) > 1 else {}
+        per_cat = {c: summarise([r for r in rows if r["category"] == c]) for c in cats} if len(cats) > 1 else {}
         mach = machine(a.device, dtype)
         bw = read_bandwidth(a.device)
         wbytes = weight_bytes_per_token(model)
@@ -315,7 +315,7 @@ def main(argv=None):
 
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
-        figs = plots(out, rows, summary, trace, a.threshold, model.args.n_layers, heads.layers if heads else [])
+        figs = plots(out, summary, trace, a.threshold, model.args.n_layers, heads.layers if heads else [])
         result = {"machine": mach, "args": vars(a), "summary": summary, "per_category": per_cat,
                   "bandwidth_gb_s": bw, "weight_bytes_per_token": wbytes, "peak_memory_bytes": mem,
                   "heads": heads.meta if heads else None, "rows": rows}

@@ -84,15 +84,14 @@ class ExitHeads(nn.Module):
     @torch.no_grad()
     def predict(self, layer, h):
         """(token, confidence) of the head after `layer` for one hidden state h (d,)."""
-        if self.shortlist is not None:
+        if self.shortlist is None:
+            z = self.logits(layer, h)                                       # (V,)
+        else:
             norm = self._frozen[0]
-            z = norm(h @ self.T[self.index[layer]].T) @ self._short_w.T   # (K,)
-            p = torch.softmax(z.float() if z.element_size() < 4 else z, dim=-1)
-            conf, j = p.max(dim=-1)
-            return int(self.shortlist[j]), float(conf)
-        z = self.logits(layer, h)
+            z = norm(h @ self.T[self.index[layer]].T) @ self._short_w.T    # (K,)
         p = torch.softmax(z.float() if z.element_size() < 4 else z, dim=-1)   # at least float32
-        conf, tok = p.max(dim=-1)
+        conf, j = p.max(dim=-1)
+        tok = j if self.shortlist is None else self.shortlist[j]
         return int(tok), float(conf)
 
     def save(self, path, **meta):
