@@ -267,10 +267,6 @@ def read_prompts(path):
     return prompts
 
 
-def default_dtype(device):
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
 def setup(model_dir, heads_path, device, dtype):
     """Load model, tokenizer and (when a path is given) heads; the default model is prepared on first use."""
     folder = model_dir or prepare_default_model()
@@ -306,14 +302,15 @@ def main(argv=None):
     ap.add_argument("--max-pending", type=int, default=5, help="at most this many unverified early tokens")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float64"], help="default: float32 on CPU, bfloat16 on CUDA")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float64"], default="float32",
+                    help="float32 by default, on CPU and GPU alike: in bfloat16 near-ties flip (README)")
     ap.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     ap.add_argument("--stream", action="store_true", help="print verified text as it is confirmed")
     a = ap.parse_args(argv)
     try:
         if not 0.0 <= a.threshold <= 1.0:
             raise InputError(f"--threshold must be in [0, 1], got {a.threshold}")
-        dtype = getattr(torch, a.dtype) if a.dtype else default_dtype(a.device)
+        dtype = getattr(torch, a.dtype)
         heads_path = a.heads or (DEFAULT_HEADS if a.method != "greedy" and not a.model else None)
         if a.method != "greedy" and not heads_path:
             raise InputError(f"--method {a.method} needs --heads for a model other than the default")

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from adadecode import (DEFAULT_HEADS, default_dtype, eos_ids, generate_ada, generate_greedy, generate_selfspec,
+from adadecode import (DEFAULT_HEADS, eos_ids, generate_ada, generate_greedy, generate_selfspec,
                        read_prompts, setup, sync)
 from model import InputError
 from train_heads import CODE_REQUEST
@@ -230,7 +230,8 @@ def main(argv=None):
     ap.add_argument("--threshold", type=float, nargs="+", default=[0.75], help="one value, or several for a sweep")
     ap.add_argument("--max-pending", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float64"])
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float64"], default="float32",
+                    help="float32 by default, on CPU and GPU alike: in bfloat16 near-ties flip (README)")
     ap.add_argument("--compile", action="store_true", help="torch.compile each transformer block (dynamic shapes)")
     ap.add_argument("--compare-hf", action="store_true", help="also time transformers' greedy generate")
     ap.add_argument("--seed", type=int, default=0)
@@ -248,7 +249,7 @@ def main(argv=None):
         if a.n < 1:
             raise InputError("--n must be at least 1")
         torch.manual_seed(a.seed)
-        dtype = getattr(torch, a.dtype) if a.dtype else default_dtype(a.device)
+        dtype = getattr(torch, a.dtype)
         heads_path = a.heads or (DEFAULT_HEADS if not a.model else None)
         if not heads_path and methods != ["greedy"]:
             raise InputError("--heads is needed for a model other than the default")
