@@ -168,6 +168,7 @@ def generate_ada(model, heads, prompt, max_new_tokens, eos=(), threshold=0.75, m
             h, layer = blk.h, blk.frontier
         else:
             h, layer = model.embed(torch.tensor([out[-1:]], device=device)), 0
+        last = pos - 1 if finished else pos           # position of the newest row (an exit token has none yet)
         can_exit = not finished and pos - cache.lengths[L - 1] < max_pending
         while layer < L:
             # deferred rows join the batch at exactly the layer they need next
@@ -188,7 +189,7 @@ def generate_ada(model, heads, prompt, max_new_tokens, eos=(), threshold=0.75, m
             stop = min([L] + [l for l in exit_layers if l > layer and can_exit] + [b.frontier for b in deferred[-1:]])
             if trace:
                 stats.trace.append(("run", stats.steps, layer, stop, cache.lengths[layer] - len(prompt), h.shape[1]))
-            h = model.run_layers(h, cache.lengths[layer], cache, layer, stop)
+            h = model.run_layers(h, last - h.shape[1] + 1, cache, layer, stop)   # the cache checks the position
             stats.count_call(h.shape[1], stop - layer)
             layer = stop
         else:
