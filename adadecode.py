@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from exits import Threshold, from_spec
 from model import InputError, Tokenizer, eos_ids, load_model, prepare_default_model
 
 DEFAULT_HEADS = "heads/smollm2-135m-instruct.safetensors"
@@ -95,7 +96,7 @@ def token_budget(model, prompt, max_new_tokens):
 
 def prefill(model, cache, prompt):
     """Run the whole prompt through every layer; return the first generated token."""
-    x = torch.tensor([prompt], device=model.output.weight.device)
+    x = torch.tensor([prompt], device=model.device)
     h = model.run_layers(model.embed(x), 0, cache)
     return int(model.logits(h[:, -1]).argmax(-1))      # only the last position's logits are needed
 
@@ -103,7 +104,7 @@ def prefill(model, cache, prompt):
 @torch.inference_mode()
 def generate_greedy(model, prompt, max_new_tokens, eos=(), on_token=None):
     """Plain greedy decoding: every token climbs all L layers before the next can start."""
-    device, L = model.output.weight.device, model.args.n_layers
+    device, L = model.device, model.args.n_layers
     budget = token_budget(model, prompt, max_new_tokens)
     cache = model.new_cache(len(prompt) + budget)
     stats = Stats(n_layers=L)
@@ -132,13 +133,14 @@ class Deferred:
 
 @torch.inference_mode()
 def generate_ada(model, heads, prompt, max_new_tokens, eos=(), threshold=0.75, max_pending=5, on_token=None,
-                 trace=False):
-    """AdaDecode: greedy decoding's tokens, with confident tokens emitted early."""
-    if not 0.0 <= threshold <= 1.0:
-        raise InputError(f"threshold must be in [0, 1], got {threshold}")
+                 trace=False, policy=None):
+    """AdaDecode: greedy decoding's tokens, with confident tokens emitted early. The exit
+    policy (exits.py) decides at each head; without one, top-1 probability >= threshold."""
+    policy = policy or Threshold(threshold)
     if max_pending < 0:
         raise InputError(f"max_pending must be at least 0, got {max_pending}")
-    device, L = model.output.weight.device, model.args.n_layers
+    policy.reset()
+    device, L = model.device, model.args.n_layers
     budget = token_budget(model, prompt, max_new_tokens)
     cache = model.new_cache(len(prompt) + budget)
     stats = Stats(n_layers=L, trace=[] if trace else None)
@@ -174,12 +176,12 @@ def generate_ada(model, heads, prompt, max_new_tokens, eos=(), threshold=0.75, m
             # deferred rows join the batch at exactly the layer they need next
             if deferred and deferred[-1].frontier == layer:
                 h = torch.cat([deferred.pop().h, h], dim=1)
-            if layer in exit_layers and can_exit:
-                tok, conf = heads.predict(layer, h[0, -1])  # only the newest row decides
+            if layer in exit_layers and can_exit and policy.active(layer):
+                guess = heads.check(layer, h[0, -1])        # only the newest row decides
                 stats.head_checks += 1
-                if conf >= threshold:                       # exit: emit now, park every row here
+                if policy.exit(layer, guess):               # exit: emit now, park every row here
                     deferred.append(Deferred(layer, h))
-                    out.append(tok)
+                    out.append(guess.token)
                     exit_layer.append(layer)
                     stats.early_by_layer[layer] += 1
                     if trace:
@@ -193,15 +195,15 @@ def generate_ada(model, heads, prompt, max_new_tokens, eos=(), threshold=0.75, m
             stats.count_call(h.shape[1], stop - layer)
             layer = stop
         else:
-            out, exit_layer = verify(model, cache, h, len(prompt), out, exit_layer, stats)
+            out, exit_layer = verify(model, cache, h, len(prompt), out, exit_layer, stats, policy)
     sync(device)
     return GenerationResult(prompt, out, time.perf_counter() - t1, t1 - t0, stats, cache)
 
 
-def verify(model, cache, h, n_prompt, out, exit_layer, stats):
+def verify(model, cache, h, n_prompt, out, exit_layer, stats, policy):
     """Rows h (1, T, dim) reached the top. Row r predicts the token after it: check every
     early token against it; at the first mismatch keep the model's token, drop the rest,
-    and cut every layer's cache back to just after that row."""
+    and cut every layer's cache back to just after that row. The policy hears each verdict."""
     L = model.args.n_layers
     first = cache.lengths[L - 1] - h.shape[1]                 # position of the first row
     preds = model.logits(h)[0].argmax(-1).tolist()            # (T,)
@@ -210,6 +212,7 @@ def verify(model, cache, h, n_prompt, out, exit_layer, stats):
         i = first + r + 1 - n_prompt                          # index in `out` of the token row r predicts
         if i == len(out):                                     # beyond the newest token: a new, verified token
             return out + [pred], exit_layer + [L]
+        policy.observe(exit_layer[i], out[i] == pred)
         if out[i] == pred:
             stats.accepted += 1
             continue
@@ -239,8 +242,8 @@ class _OneHead:
     def __init__(self, heads, layer):
         self.heads, self.layers = heads, [layer]
 
-    def predict(self, layer, h):
-        return self.heads.predict(layer, h)
+    def check(self, layer, h):
+        return self.heads.check(layer, h)
 
 
 # --- command line ----------------------------------------------------------------
@@ -280,11 +283,22 @@ def setup(model_dir, heads_path, device, dtype):
     return model, tok, heads
 
 
-def run(method, model, heads, prompt_ids, max_new_tokens, eos, threshold=0.75, max_pending=5, on_token=None):
+def exit_policy(heads, threshold=None):
+    """The policy AdaDecode runs with: top-1 probability >= threshold when one is given (the
+    paper's rule), else the policy tuned for these heads (stored in the heads file by
+    `simulate.py --fit`), else the paper's default threshold 0.75."""
+    if threshold is not None:
+        return Threshold(threshold)
+    spec = getattr(heads, "meta", {}).get("policy")
+    return from_spec(spec, heads.n_layers) if spec else Threshold(0.75)
+
+
+def run(method, model, heads, prompt_ids, max_new_tokens, eos, threshold=None, max_pending=5, on_token=None):
     if method == "greedy":
         return generate_greedy(model, prompt_ids, max_new_tokens, eos, on_token)
     if method == "ada":
-        return generate_ada(model, heads, prompt_ids, max_new_tokens, eos, threshold, max_pending, on_token)
+        return generate_ada(model, heads, prompt_ids, max_new_tokens, eos, max_pending=max_pending,
+                            on_token=on_token, policy=exit_policy(heads, threshold))
     if method == "selfspec":
         return generate_selfspec(model, heads, prompt_ids, max_new_tokens, eos, on_token=on_token)
     raise InputError(f"unknown method {method!r}")
@@ -299,7 +313,8 @@ def main(argv=None):
     ap.add_argument("--raw", action="store_true", help="feed the text as is, without the chat template")
     ap.add_argument("--method", choices=["greedy", "ada", "selfspec"], default="greedy")
     ap.add_argument("--heads", help=f"exit heads file (default for the default model: {DEFAULT_HEADS})")
-    ap.add_argument("--threshold", type=float, default=0.75, help="exit when the head's top-1 probability is at least this")
+    ap.add_argument("--threshold", type=float, help="exit when the head's top-1 probability is at least this "
+                    "(default: the exit policy tuned for the heads, stored in the heads file)")
     ap.add_argument("--max-pending", type=int, default=5, help="at most this many unverified early tokens")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--device", default="cpu")
@@ -309,7 +324,7 @@ def main(argv=None):
     ap.add_argument("--stream", action="store_true", help="print verified text as it is confirmed")
     a = ap.parse_args(argv)
     try:
-        if not 0.0 <= a.threshold <= 1.0:
+        if a.threshold is not None and not 0.0 <= a.threshold <= 1.0:
             raise InputError(f"--threshold must be in [0, 1], got {a.threshold}")
         dtype = getattr(torch, a.dtype)
         heads_path = a.heads or (DEFAULT_HEADS if a.method != "greedy" and not a.model else None)

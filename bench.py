@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from adadecode import (DEFAULT_HEADS, eos_ids, generate_ada, generate_greedy, generate_selfspec,
+from adadecode import (DEFAULT_HEADS, eos_ids, exit_policy, generate_ada, generate_greedy, generate_selfspec,
                        read_prompts, setup, sync)
 from model import InputError
 from train_heads import CODE_REQUEST
@@ -88,7 +88,8 @@ def run_method(name, model, heads, ids, max_new, eos, threshold, max_pending, tr
     if name == "greedy":
         return generate_greedy(model, ids, max_new, eos)
     if name == "ada":
-        return generate_ada(model, heads, ids, max_new, eos, threshold, max_pending, trace=trace)
+        return generate_ada(model, heads, ids, max_new, eos, max_pending=max_pending, trace=trace,
+                            policy=exit_policy(heads, threshold))
     if name == "selfspec":
         return generate_selfspec(model, heads, ids, max_new, eos)
     raise InputError(f"unknown method {name!r}")
@@ -118,7 +119,7 @@ def summarise(rows):
         s = Counter()
         for r in rs:
             for k in ("accepted", "rejected", "discarded", "verifications", "layer_rows", "layer_calls",
-                      "sequential_layers", "greedy_layer_rows", "head_checks"):
+                      "sequential_layers", "greedy_layer_rows", "head_checks", "sim_sequential_layers"):
                 s[k] += r["stats"].get(k, 0)
             for l, c in r["stats"].get("early_by_layer", {}).items():
                 s[f"early@{l}"] += c
@@ -129,6 +130,8 @@ def summarise(rows):
             "speedup": (toks / secs) / (sum(r["n_tokens"] for r in by["greedy"]) / sum(r["seconds"] for r in by["greedy"])),
             "median_speedup": statistics.median(ratios) if ratios else None,
             "ideal_speedup": s["greedy_layer_rows"] / max(s["sequential_layers"], 1) if label != "hf" else None,
+            "simulated_ideal_speedup": (s["greedy_layer_rows"] / max(s["sim_sequential_layers"], 1)
+                                        if s["sim_sequential_layers"] else None),
             "parity": sum(r["parity"] for r in rs) / len(rs),
             "early_rate_per_layer": {k.split("@")[1]: v / toks for k, v in s.items() if k.startswith("early@")},
             "early_rate": early / toks, "rejection_rate": s["rejected"] / max(s["accepted"] + s["rejected"], 1),
@@ -141,12 +144,14 @@ def summarise(rows):
 
 def print_table(summary, title):
     print(f"\n{title}")
-    cols = ["method", "tok/s", "speedup", "med.spd", "ideal", "early", "reject", "acc/ver", "rows/call", "parity"]
+    cols = ["method", "tok/s", "speedup", "med.spd", "ideal", "sim.ideal", "early", "reject", "acc/ver", "rows/call",
+            "parity"]
     print("  ".join(f"{c:>9}" for c in cols))
     for label, s in summary.items():
         f = lambda v, fmt: "-" if v is None else format(v, fmt)
         print("  ".join(f"{x:>9}" for x in [label, f(s["tokens_per_second"], ".2f"), f(s["speedup"], ".3f") + "x",
                                             f(s["median_speedup"], ".3f") + "x", f(s["ideal_speedup"], ".2f") + "x",
+                                            f(s["simulated_ideal_speedup"], ".2f") + "x",
                                             f(s["early_rate"], ".1%"), f(s["rejection_rate"], ".1%"),
                                             f(s["accepted_per_verification"], ".2f"), f(s["mean_rows_per_call"], ".2f"),
                                             f(s["parity"], ".0%")]))
@@ -227,7 +232,9 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=16, help="number of prompts")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--methods", default="greedy,ada,selfspec")
-    ap.add_argument("--threshold", type=float, nargs="+", default=[0.75], help="one value, or several for a sweep")
+    ap.add_argument("--threshold", type=float, nargs="+",
+                    help="AdaDecode with the paper's rule, top-1 probability >= threshold: one value, or several for "
+                         "a sweep (default: the exit policy tuned for the heads, stored in the heads file)")
     ap.add_argument("--max-pending", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float64"], default="float32",
@@ -244,7 +251,8 @@ def main(argv=None):
             raise InputError(f"unknown method(s) {bad}; choose from greedy, ada, selfspec")
         if "greedy" not in methods:
             methods.insert(0, "greedy")    # the reference every output is compared with
-        if any(not 0 <= t <= 1 for t in a.threshold):
+        thresholds = a.threshold or [None]
+        if any(t is not None and not 0 <= t <= 1 for t in thresholds):
             raise InputError(f"--threshold values must be in [0, 1], got {a.threshold}")
         if a.n < 1:
             raise InputError("--n must be at least 1")
@@ -267,9 +275,11 @@ def main(argv=None):
             hf = LlamaForCausalLM.from_pretrained(a.model or str(__import__("model").prepare_default_model()),
                                                   dtype=dtype).to(a.device).eval()
 
-        runs = [("greedy", None)] + [(m, t) for m in methods if m == "ada" for t in a.threshold] + \
+        runs = [("greedy", None)] + [(m, t) for m in methods if m == "ada" for t in thresholds] + \
                [(m, None) for m in methods if m == "selfspec"]
-        label = lambda m, t: f"ada@{t}" if m == "ada" else m
+        label = lambda m, t: f"ada@{t}" if m == "ada" and t is not None else m
+        from simulate import Recorder
+        rec = Recorder(model, heads) if heads is not None else None
         for m, t in runs:   # warm-up: every code path once, untimed
             run_method(m, model, heads, ids[0], 16, eos, t, a.max_pending)
         if hf is not None:
@@ -280,13 +290,18 @@ def main(argv=None):
             ref = None
             for m, t in runs:   # interleaved: every method on this prompt before the next prompt
                 r = run_method(m, model, heads, x, a.max_new_tokens, eos, t, a.max_pending,
-                               trace=(i == 0 and m == "ada" and t == a.threshold[0]))
+                               trace=(i == 0 and m == "ada" and t == thresholds[0]))
                 if m == "greedy":
                     ref = r.tokens
                 if r.stats.trace:
                     trace = r.stats.trace
+                st = r.stats.summary(len(r.tokens))
+                if m == "ada":   # the simulator's prediction from greedy's trace, beside the measured schedule
+                    sim, _ = rec.replay([rec.record(x, ref, a.max_new_tokens, eos)], exit_policy(heads, t),
+                                        a.max_pending, exact=True)
+                    st["sim_sequential_layers"] = sim[0].sequential_layers
                 rows.append(result_row(i, p, label(m, t), m, t, r.tokens, ref, r.seconds, r.prefill_seconds,
-                                       r.stats.summary(len(r.tokens)), model, x))
+                                       st, model, x))
             if hf is not None:
                 toks, secs = hf_greedy(hf, x, a.max_new_tokens, a.device)
                 rows.append(result_row(i, p, "hf", "hf", None, toks, ref, secs, 0.0, {}, model, x))
@@ -316,7 +331,7 @@ def main(argv=None):
 
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
-        figs = plots(out, summary, trace, a.threshold, model.args.n_layers, heads.layers if heads else [])
+        figs = plots(out, summary, trace, a.threshold or [], model.args.n_layers, heads.layers if heads else [])
         result = {"machine": mach, "args": vars(a), "summary": summary, "per_category": per_cat,
                   "bandwidth_gb_s": bw, "weight_bytes_per_token": wbytes, "peak_memory_bytes": mem,
                   "heads": heads.meta if heads else None, "rows": rows}

@@ -3,7 +3,7 @@ Checks for the exercises in EXERCISES.md that add a feature: they fail until the
 exercise is done, and pass when it is done right. Not part of the test suite
 (`pytest -q` does not collect this file); run one exercise's checks by name:
 
-    .venv/bin/python -m pytest -q check_exercises.py -k per_head     # exercise 6
+    .venv/bin/python -m pytest -q check_exercises.py -k entropy      # exercise 6
     .venv/bin/python -m pytest -q check_exercises.py -k sampling     # exercise 7
     .venv/bin/python -m pytest -q check_exercises.py -k batch        # exercise 8
 
@@ -37,37 +37,41 @@ def needs_function(name):
     return getattr(adadecode, name)
 
 
-# --- exercise 6: one threshold per head ---------------------------------------------
+# --- exercise 6: an entropy exit policy, studied in the simulator ----------------------
+
+def needs_policy(name):
+    import exits
+    if not hasattr(exits, name):
+        pytest.fail(f"exercise not done yet: exits.py has no {name} policy")
+    return getattr(exits, name)
+
 
 @given(setup=setups(), seed=st.integers(0, 10**6), noise=st.floats(0.0, 3.0), max_new=st.integers(1, 24),
-       data=st.data())
-def test_per_head_threshold_keeps_parity(setup, seed, noise, max_new, data):
+       bound=st.floats(0.0, 3.0), max_pending=st.integers(0, 5))
+def test_entropy_policy_keeps_parity_and_replays_exactly(setup, seed, noise, max_new, bound, max_pending):
+    from simulate import Recorder
+    Entropy = needs_policy("Entropy")
     model, layers, prompt = setup
-    thresholds = {l: data.draw(st.floats(0.0, 1.0)) for l in layers}
     heads = random_heads(model, layers, seed, noise)
-    ada = generate_ada(model, heads, prompt, max_new, threshold=thresholds)
-    assert ada.tokens == generate_greedy(model, prompt, max_new).tokens
+    greedy = generate_greedy(model, prompt, max_new)
+    ada = generate_ada(model, heads, prompt, max_new, max_pending=max_pending, policy=Entropy(bound))
+    assert ada.tokens == greedy.tokens
+    rec = Recorder(model, heads)
+    sim, _ = rec.replay([rec.record(prompt, greedy.tokens, max_new, set())], Entropy(bound), max_pending, exact=True)
+    assert sim[0].early_by_layer == ada.stats.early_by_layer and sim[0].rejected == ada.stats.rejected
 
 
-def test_per_head_threshold_only_listed_heads_exit():
-    model = random_llama(3, n_layers=5)
-    heads = AdversarialHeads([1, 2, 3, 4], model.args.vocab_size, seed=3)   # always confident
-    greedy = generate_greedy(model, [1, 2, 3], 20)
-    for listed in ([2], [1, 3], [4]):
-        ada = generate_ada(model, heads, [1, 2, 3], 20, threshold={l: 0.5 for l in listed})
-        assert ada.tokens == greedy.tokens
-        # always confident: the lowest listed head takes every exit, and unlisted heads never exit
-        assert set(ada.stats.early_by_layer) == {min(listed)}, "a head without a threshold must never exit"
-    ada = generate_ada(model, heads, [1, 2, 3], 20, threshold=0.5)           # a plain float still works
-    assert set(ada.stats.early_by_layer) == {1}                              # always confident: the first head wins
-
-
-def test_per_head_threshold_bad_values_are_rejected():
-    model = random_llama(0, n_layers=4)
-    heads = ExitHeads(model, [1, 2])
-    for bad in ({1: 1.5}, {2: -0.1}, {3: 0.5}, {7: 0.5}):   # out of range, or no head there
-        with pytest.raises(InputError):
-            generate_ada(model, heads, [1], 4, threshold=bad)
+def test_entropy_policy_decides_by_entropy():
+    from heads import Guess
+    Entropy = needs_policy("Entropy")
+    sure, unsure = Guess(3, 0.9, 0.05, 0.4, 5.0), Guess(3, 0.9, 0.05, 1.5, 5.0)   # same p1, other entropy
+    p = Entropy(1.0)
+    p.reset()
+    assert p.active(2) and p.exit(2, sure) and not p.exit(2, unsure)
+    q = Entropy({2: 2.0})
+    assert q.active(2) and q.exit(2, unsure) and not q.active(5), "a head without a bound must never exit"
+    with pytest.raises(InputError):
+        Entropy(-0.5)
 
 
 # --- exercise 7: temperature sampling with a lossless acceptance rule ----------------

@@ -6,7 +6,9 @@ the model's own frozen final norm and LM head (AdaDecode, Wei et al. 2025):
 
 We apply the final RMSNorm after T (the paper does not say where it goes), so an
 untrained head is exactly the logit lens and T only has to learn a correction.
-Confidence is the head's top-1 softmax probability.
+A check returns a `Guess`: the head's top-1 token and a few cheap confidence features
+(top-1 and top-2 probability, entropy, log-sum-exp of the logits). Whether to exit on
+it is not the head's business: an exit policy (exits.py) decides.
 
 The check is not free: on SmolLM2-135M the vocabulary projection reads as many bytes
 as three layers. A head set may carry a shortlist (the K tokens the model emits most
@@ -23,6 +25,7 @@ evaluation figures (JSON in the metadata).
 """
 import hashlib
 import json
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -41,6 +44,19 @@ def model_fingerprint(model):
     return sig.hexdigest()[:16]
 
 
+class Guess(NamedTuple):
+    """What a head says about the next token, and how sure it looks (one host transfer)."""
+    token: int
+    p1: float          # top-1 probability (over the shortlist when the heads have one)
+    p2: float          # top-2 probability
+    entropy: float     # of the head's distribution, in nats
+    lse: float         # log-sum-exp of the logits: low when little mass sits on the shortlist
+
+    @property
+    def margin(self):
+        return self.p1 - self.p2
+
+
 def check_layers(layers, n_layers):
     layers = list(layers)
     if not layers:
@@ -57,6 +73,7 @@ class ExitHeads(nn.Module):
         super().__init__()
         self.layers = check_layers(layers, model.args.n_layers)
         self.index = {l: i for i, l in enumerate(self.layers)}
+        self.n_layers = model.args.n_layers
         d, w = model.args.dim, model.output.weight
         if transforms is None:
             transforms = torch.eye(d, dtype=w.dtype, device=w.device).repeat(len(self.layers), 1, 1)
@@ -64,16 +81,17 @@ class ExitHeads(nn.Module):
         self._frozen = (model.norm, model.output)   # a tuple: not registered, not saved, not trained
         self.fingerprint = model_fingerprint(model)
         self.meta = {}
-        self.shortlist = None
+        self.shortlist = self._short_ids = None
 
     def set_shortlist(self, token_ids):
         """Check confidence over these tokens only (None: the whole vocabulary)."""
         if token_ids is None:
-            self.shortlist = None
+            self.shortlist = self._short_ids = None
             return self
         w = self._frozen[1].weight
         self.shortlist = torch.as_tensor(token_ids, dtype=torch.long, device=w.device)
         self._short_w = w[self.shortlist].contiguous()                  # (K, d): read in place by the check
+        self._short_ids = self.shortlist.tolist()                       # index -> token id, on the host
         return self
 
     def logits(self, layer, h):
@@ -82,17 +100,31 @@ class ExitHeads(nn.Module):
         return output(norm(h @ self.T[self.index[layer]].T))
 
     @torch.no_grad()
-    def predict(self, layer, h):
-        """(token, confidence) of the head after `layer` for one hidden state h (d,)."""
-        if self.shortlist is None:
-            z = self.logits(layer, h)                                       # (V,)
-        else:
-            norm = self._frozen[0]
-            z = norm(h @ self.T[self.index[layer]].T) @ self._short_w.T    # (K,)
-        p = torch.softmax(z.float() if z.element_size() < 4 else z, dim=-1)   # at least float32
-        conf, j = p.max(dim=-1)
-        tok = j if self.shortlist is None else self.shortlist[j]
-        return int(tok), float(conf)
+    def features(self, layer, h):
+        """(..., 5) float tensor [top-1 index, p1, p2, entropy, lse] for hidden states h (..., d).
+        The index is into the shortlist when there is one."""
+        norm = self._frozen[0]
+        w = self._frozen[1].weight if self.shortlist is None else self._short_w
+        z = norm(h @ self.T[self.index[layer]].T) @ w.T                     # (..., V) or (..., K)
+        z = z.float() if z.element_size() < 4 else z                        # at least float32
+        lse = torch.logsumexp(z, dim=-1)
+        top, j = z.topk(min(2, z.shape[-1]), dim=-1)                        # (..., 2)
+        p = torch.exp(top - lse[..., None])
+        p2 = p[..., 1] if p.shape[-1] > 1 else torch.zeros_like(lse)
+        entropy = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
+        return torch.stack([j[..., 0].to(z.dtype), p[..., 0], p2, entropy, lse], dim=-1)
+
+    def _guess(self, f):
+        j = int(f[0])
+        return Guess(j if self._short_ids is None else self._short_ids[j], *f[1:])
+
+    def check(self, layer, h):
+        """The head after `layer` on one hidden state h (d,): a Guess, in one host transfer."""
+        return self._guess(self.features(layer, h).tolist())
+
+    def check_rows(self, layer, h):
+        """Guesses for every row of h (N, d), batched (the simulator records traces with it)."""
+        return [self._guess(f) for f in self.features(layer, h).tolist()]
 
     def save(self, path, **meta):
         from safetensors.torch import save_file

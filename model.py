@@ -195,6 +195,10 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
         self.rope_cos = self.rope_sin = None
 
+    @property
+    def device(self):
+        return self.output.weight.device
+
     def new_cache(self, max_len):
         """A KV cache for `max_len` positions, and the rotary table to match."""
         if max_len > self.args.max_seq_len:

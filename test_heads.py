@@ -17,9 +17,12 @@ def test_identity_head_is_the_logit_lens():
     h = torch.randn(5, model.args.dim, dtype=torch.float64)
     heads = ExitHeads(model, [1, 3])
     assert_close(heads.logits(3, h), model.logits(h), atol=1e-12, rtol=1e-12, what="identity head vs lm_head(norm(h))")
-    tok, conf = heads.predict(1, h[0])
+    g = heads.check(1, h[0])
     p = torch.softmax(model.logits(h[0]), -1)
-    assert tok == int(p.argmax()) and conf == pytest.approx(float(p.max()))
+    top = p.topk(2).values
+    assert g.token == int(p.argmax()) and g.p1 == pytest.approx(float(top[0])) and g.p2 == pytest.approx(float(top[1]))
+    assert g.entropy == pytest.approx(float(-(p * p.log()).sum()))
+    assert heads.check_rows(1, h[:1]) == [g]             # batched and single-row checks agree
 
 
 def test_training_lowers_the_kl():
@@ -51,7 +54,7 @@ def test_save_load_round_trip_and_refusals(tmp_path):
     back = ExitHeads.load(tmp_path / "h.safetensors", model)
     assert back.layers == [2, 4] and back.meta["evaluation"] == {"x": 1}
     assert_close(back.T, heads.T.float().double(), atol=1e-6, what="transforms")   # stored in float32
-    assert back.shortlist.tolist() == [5, 7, 11] and back.predict(2, torch.randn(model.args.dim, dtype=torch.float64))[0] in (5, 7, 11)
+    assert back.shortlist.tolist() == [5, 7, 11] and back.check(2, torch.randn(model.args.dim, dtype=torch.float64)).token in (5, 7, 11)
     with pytest.raises(InputError, match="another model"):
         ExitHeads.load(tmp_path / "h.safetensors", random_llama(4))
     with pytest.raises(InputError, match="no such heads file"):

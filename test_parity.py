@@ -15,7 +15,7 @@ from hypothesis import given, strategies as st
 
 from adadecode import DEFAULT_HEADS, generate_ada, generate_greedy, generate_selfspec
 from conftest import assert_close, random_llama
-from heads import ExitHeads
+from heads import ExitHeads, Guess
 from model import InputError
 
 
@@ -26,10 +26,9 @@ class AdversarialHeads:
         self.layers, self.vocab, self.eos, self.p_eos = layers, vocab, eos, p_eos
         self.rng = random.Random(seed)
 
-    def predict(self, layer, h):
-        if self.eos is not None and self.rng.random() < self.p_eos:
-            return self.eos, 1.0
-        return self.rng.randrange(self.vocab), 1.0
+    def check(self, layer, h):
+        tok = self.eos if self.eos is not None and self.rng.random() < self.p_eos else self.rng.randrange(self.vocab)
+        return Guess(tok, 1.0, 0.0, 0.0, 0.0)
 
 
 def random_heads(model, layers, seed, noise):

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import textwrap
 from collections import Counter
@@ -65,8 +66,8 @@ def stdlib_function_prompts():
             doc = inspect.getdoc(fn)
             if fname.startswith("_") or fn.__module__ != mod.__name__ or not doc or (name, fname) in seen:
                 continue
-            try:
-                sig = str(inspect.signature(fn))
+            try:   # without memory addresses ("<function copy2 at 0x7f...>"), so the prompts are the same every run
+                sig = re.sub(r" at 0x[0-9a-fA-F]+", "", str(inspect.signature(fn)))
             except (TypeError, ValueError):
                 continue
             seen.add((name, fname))
@@ -74,6 +75,25 @@ def stdlib_function_prompts():
             code = f'def {fname}{sig}:\n    """{textwrap.indent(doc, "    ").strip()}\n    """\n'
             prompts.append({"prompt": CODE_REQUEST.format(code=code), "source": f"{name}.{fname}"})
     return prompts
+
+
+def held_out_split(prompts, n, heldout=0.15, seed=0):
+    """(train, held-out): the first `n` prompts after a seeded shuffle; the first 15% are held out."""
+    prompts = list(prompts)
+    random.Random(seed).shuffle(prompts)
+    prompts = prompts[:n]
+    if len(prompts) < 4:
+        raise InputError(f"need at least 4 prompts, got {len(prompts)}")
+    n_held = max(1, int(len(prompts) * heldout))
+    return prompts[n_held:], prompts[:n_held]
+
+
+def response_cache(folder, max_new_tokens=128):
+    """Where the model's responses are cached (JSON Lines, appended as they are generated)."""
+    cache_dir = Path(os.environ.get("ADADECODE_HOME", default_model_dir().parent)) / "train"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(f"{Path(folder).resolve()}|{max_new_tokens}".encode()).hexdigest()[:12]
+    return cache_dir / f"responses-{key}.jsonl"
 
 
 def generate_responses(folder, prompt_ids, max_new_tokens, cache_file, batch_size=16):
@@ -212,18 +232,12 @@ def main(argv=None):
             prompts, source = read_prompts(a.prompts), f"prompt file {Path(a.prompts).name}"
         else:
             prompts, source = stdlib_function_prompts(), "stdlib 'complete this function' requests"
-        random.Random(a.seed).shuffle(prompts)
-        prompts = prompts[:a.n]
-        if len(prompts) < 4:
-            raise InputError(f"need at least 4 prompts, got {len(prompts)}")
-        n_held = max(1, int(len(prompts) * a.heldout))
-        prompt_ids = [tok.prompt_ids(p["prompt"], raw=a.raw) for p in prompts]
-        cache_dir = Path(os.environ.get("ADADECODE_HOME", default_model_dir().parent)) / "train"
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        key = hashlib.sha256(f"{folder.resolve()}|{a.max_new_tokens}".encode()).hexdigest()[:12]
-        responses = generate_responses(folder, prompt_ids, a.max_new_tokens, cache_dir / f"responses-{key}.jsonl")
-        seqs = [(p, r) for p, r in zip(prompt_ids, responses) if r]
-        held, train = seqs[:n_held], seqs[n_held:]
+        train_p, held_p = held_out_split(prompts, a.n, a.heldout, a.seed)
+        prompt_ids = [tok.prompt_ids(p["prompt"], raw=a.raw) for p in held_p + train_p]
+        n_held = len(held_p)
+        responses = generate_responses(folder, prompt_ids, a.max_new_tokens, response_cache(folder, a.max_new_tokens))
+        seqs = list(zip(prompt_ids, responses))
+        held, train = [x for x in seqs[:n_held] if x[1]], [x for x in seqs[n_held:] if x[1]]
         tr_feats, tr_final = collect_features(model, heads.layers, train)
         ho_feats, ho_final = collect_features(model, heads.layers, held)
         print(f"{len(train)} training sequences ({len(tr_final)} positions), {len(held)} held out ({len(ho_final)})")

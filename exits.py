@@ -1,0 +1,158 @@
+"""
+Exit policies: at a head, should the newest token leave now?
+
+The decoding loop (`adadecode.generate_ada`) and the simulator (`simulate.py`) ask the
+same questions of the same policy object, so a policy studied in the simulator behaves
+the same way in the real loop:
+
+    policy.reset()               a new generation starts
+    policy.active(layer)         is the head after `layer` worth checking now? (a check costs time)
+    policy.exit(layer, guess)    exit with guess.token?  (guess: heads.Guess)
+    policy.observe(layer, ok)    verification's verdict on an early token from `layer`
+
+A policy only decides *when* to guess; verification keeps the output exactly greedy's
+whatever it says. A head set may carry its tuned policy (`spec()`), and `from_spec`
+rebuilds it:
+
+    policy = from_spec(heads.meta["policy"])      # or Threshold(0.75), Guard(Logistic(...)), ...
+"""
+import math
+
+from model import InputError
+
+FEATURES = ("p1", "margin", "entropy", "lse")      # what Logistic reads from a Guess, in this order
+
+
+def _per_layer(value, what):
+    """A float for every head, or {layer: float} (a head without an entry never exits)."""
+    if isinstance(value, dict):
+        out = {int(l): float(t) for l, t in value.items()}
+    else:
+        out = float(value)
+    for t in (out.values() if isinstance(out, dict) else [out]):
+        if not 0.0 <= t <= 1.0:
+            raise InputError(f"{what} must be in [0, 1], got {t}")
+    return out
+
+
+class Threshold:
+    """Exit when a confidence feature of the guess is at least the head's threshold:
+    feature "p1" is the top-1 probability (the paper's rule), "margin" is p1 - p2 (CALM)."""
+
+    def __init__(self, threshold=0.75, feature="p1"):
+        if feature not in ("p1", "margin"):
+            raise InputError(f"threshold feature must be p1 or margin, got {feature!r}")
+        self.threshold, self.feature = _per_layer(threshold, "threshold"), feature
+
+    def _t(self, layer):
+        return self.threshold.get(layer) if isinstance(self.threshold, dict) else self.threshold
+
+    def reset(self):
+        pass
+
+    def active(self, layer):
+        return self._t(layer) is not None
+
+    def exit(self, layer, guess):
+        return getattr(guess, self.feature) >= self._t(layer)
+
+    def observe(self, layer, accepted):
+        pass
+
+    def spec(self):
+        return {"kind": "threshold", "threshold": self.threshold, "feature": self.feature}
+
+
+class Logistic:
+    """A tiny classifier per head: P(the final layer will agree) = sigmoid(w . [1, p1, margin,
+    entropy, lse]), fitted on recorded traces (`simulate.py fit`); exit when it reaches the
+    head's threshold. It corrects what the shortlist softmax overstates: a confident-looking
+    guess whose logits are all low (small lse) has mass outside the shortlist."""
+
+    def __init__(self, weights, threshold):
+        self.weights = {int(l): [float(x) for x in w] for l, w in weights.items()}
+        if any(len(w) != 1 + len(FEATURES) for w in self.weights.values()):
+            raise InputError(f"logistic weights need {1 + len(FEATURES)} numbers per head")
+        self.threshold = _per_layer(threshold, "threshold")
+
+    def _t(self, layer):
+        return self.threshold.get(layer) if isinstance(self.threshold, dict) else self.threshold
+
+    def prob(self, layer, guess):
+        w = self.weights[layer]
+        z = w[0] + sum(wi * getattr(guess, f) for wi, f in zip(w[1:], FEATURES))
+        return 1.0 / (1.0 + math.exp(-max(min(z, 60.0), -60.0)))
+
+    def reset(self):
+        pass
+
+    def active(self, layer):
+        return layer in self.weights and self._t(layer) is not None
+
+    def exit(self, layer, guess):
+        return self.prob(layer, guess) >= self._t(layer)
+
+    def observe(self, layer, accepted):
+        pass
+
+    def spec(self):
+        return {"kind": "logistic", "weights": self.weights, "threshold": self.threshold}
+
+
+class Guard:
+    """Wraps a policy and switches a head off while its exits do not pay.
+
+    A right exit at layer l of L saves about L - l layers on the critical path; a wrong
+    one wastes about l (its own climb, done again after the rollback). So a head pays
+    while its acceptance rate is above l / L (plus `slack`, for the real cost of extra
+    rows). Each verdict moves the head's running acceptance (an exponential average that
+    starts at `prior`); below break-even the head is not even checked, except every
+    `probe`-th time it is reached, so a head that recovers comes back."""
+
+    def __init__(self, policy, n_layers, slack=0.1, alpha=0.2, prior=1.0, probe=8):
+        self.policy, self.n_layers = policy, n_layers
+        self.slack, self.alpha, self.prior, self.probe = slack, alpha, prior, probe
+        self.reset()
+
+    def reset(self):
+        self.policy.reset()
+        self.rate, self.skipped = {}, {}
+
+    def paying(self, layer):
+        return self.rate.get(layer, self.prior) >= layer / self.n_layers + self.slack
+
+    def active(self, layer):
+        if not self.policy.active(layer):
+            return False
+        if self.paying(layer):
+            return True
+        self.skipped[layer] = self.skipped.get(layer, 0) + 1
+        return self.skipped[layer] % self.probe == 0          # an occasional re-probe
+
+    def exit(self, layer, guess):
+        return self.policy.exit(layer, guess)
+
+    def observe(self, layer, accepted):
+        r = self.rate.get(layer, self.prior)
+        self.rate[layer] = r + self.alpha * (float(accepted) - r)
+        self.policy.observe(layer, accepted)
+
+    def spec(self):
+        return {"kind": "guard", "policy": self.policy.spec(), "slack": self.slack, "alpha": self.alpha,
+                "prior": self.prior, "probe": self.probe}
+
+
+def from_spec(spec, n_layers):
+    """Rebuild a policy from its spec() (as stored in a heads file)."""
+    try:
+        kind = spec["kind"]
+        if kind == "threshold":
+            return Threshold(spec["threshold"], spec.get("feature", "p1"))
+        if kind == "logistic":
+            return Logistic(spec["weights"], spec["threshold"])
+        if kind == "guard":
+            return Guard(from_spec(spec["policy"], n_layers), n_layers, spec["slack"], spec["alpha"], spec["prior"],
+                         spec["probe"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise InputError(f"exit policy spec is malformed ({e!r})")
+    raise InputError(f"unknown exit policy kind {kind!r}")

@@ -1,0 +1,474 @@
+"""
+An exit-policy simulator: AdaDecode's schedule for any exit policy, replayed in about a
+second from greedy decoding's trace, recorded once.
+
+A trace holds, per prompt, greedy's tokens and, for every generated position and every
+head, the head's Guess (token and confidence features). A replay runs the *real*
+`generate_ada` loop with the model and the heads replaced by lookups into the trace, so
+the schedule (exits, max_pending, joins, verification, rollbacks, the policy's feedback)
+and the Stats are the ones the real loop computes: there is no second copy of the loop.
+
+Wrong branches: after a wrong early token, the following tokens' heads see a context
+greedy never saw, so a greedy trace cannot say what they guess. With the model at hand
+(`Recorder.replay(..., exact=True)`) the simulator computes those guesses (a few rows
+against greedy's KV cache) and keeps them in the trace; without it, it assumes a head
+on a wrong branch guesses what it guessed at the same position on greedy's path, and
+counts those approximations (`branch_misses`).
+
+    python simulate.py                                  # held-out code prompts, shipped heads: policy table
+    python simulate.py --prompts prompts.jsonl --n 44 --max-new-tokens 128
+    python simulate.py --fit                            # fit the exit policy, store it in the heads file
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from exits import FEATURES, Guard, Logistic, Threshold
+from heads import Guess
+from model import InputError
+
+
+@dataclass
+class Trace:
+    """Greedy decoding of one prompt, seen by the heads."""
+    prompt_len: int
+    tokens: list                  # greedy's generated tokens (the first comes from the prefill)
+    max_new_tokens: int           # the budget of the run the trace stands for
+    eos: list
+    guesses: list                 # guesses[j][layer]: Guess of the head after `layer` on the row of tokens[j]
+    branches: dict = field(default_factory=dict)   # (first wrong position, branch tokens) -> {layer: Guess}
+
+    def to_json(self):
+        return {"prompt_len": self.prompt_len, "tokens": self.tokens, "max_new_tokens": self.max_new_tokens,
+                "eos": sorted(self.eos), "guesses": [{str(l): list(g) for l, g in row.items()} for row in self.guesses]}
+
+    @classmethod
+    def from_json(cls, d):
+        return cls(d["prompt_len"], d["tokens"], d["max_new_tokens"], d["eos"],
+                   [{int(l): Guess(int(g[0]), *g[1:]) for l, g in row.items()} for row in d["guesses"]])
+
+
+class _Cache:
+    """Only the lengths of a KVCache, with the same position check."""
+
+    def __init__(self, n_layers):
+        self.lengths = [0] * n_layers
+
+    def truncate(self, length, layer=None):
+        for l in range(len(self.lengths)) if layer is None else [layer]:
+            self.lengths[l] = min(self.lengths[l], length)
+
+
+class Replay:
+    """Stands in for the model and the heads while generate_ada replays one trace. A
+    "hidden state" is a row [position, token]; the heads look their guess up."""
+
+    def __init__(self, trace, layers, n_layers, max_seq_len, branch=None):
+        self.trace, self.layers, self.branch = trace, list(layers), branch
+        self.args = SimpleNamespace(n_layers=n_layers, max_seq_len=max_seq_len)
+        self.device = torch.device("cpu")
+        self.tok = {}                 # position -> the token last embedded there
+        self.wrong = set()            # positions whose current token is not greedy's
+        self.misses = 0
+        self.last_right = None        # whether the last guess was greedy's token (for the oracle)
+
+    # --- the model's side ------------------------------------------------------------
+    def new_cache(self, max_len):
+        return _Cache(self.args.n_layers)
+
+    def embed(self, x):                                    # (1, T) -> (1, T, 2): [position unknown, token]
+        return torch.stack([torch.full(x.shape, -1, dtype=torch.long), x], dim=-1)
+
+    def run_layers(self, h, pos, cache, start=0, end=None):
+        T = h.shape[1]
+        for l in range(start, self.args.n_layers if end is None else end):
+            if cache.lengths[l] != pos:
+                raise ValueError(f"layer {l}: writing at position {pos}, but it holds {cache.lengths[l]} entries")
+            cache.lengths[l] = pos + T
+        h = h.clone()
+        h[0, :, 0] = torch.arange(pos, pos + T)
+        if start == 0:                                     # new rows: remember which token sits where
+            n, greedy = self.trace.prompt_len, self.trace.tokens
+            for p, t in zip(range(pos, pos + T), h[0, :, 1].tolist()):
+                self.tok[p] = t
+                if p >= n:               # past greedy's last token, every position is off its path
+                    (self.wrong.discard if p - n < len(greedy) and t == greedy[p - n] else self.wrong.add)(p)
+        return h
+
+    def _next(self, p):
+        """Greedy's next token after position p, where the context up to p is greedy's."""
+        j = p - self.trace.prompt_len + 1
+        on_path = not any(q <= p for q in self.wrong)
+        return self.trace.tokens[j] if on_path and 0 <= j < len(self.trace.tokens) else 0
+
+    def logits(self, h):                                   # one-hot "logits": argmax is the next token
+        ps = h[..., 0].reshape(-1).tolist()
+        nxt = [self._next(p) for p in ps]
+        z = torch.zeros(len(ps), max(nxt) + 1)
+        z[torch.arange(len(ps)), torch.tensor(nxt)] = 1.0
+        return z.reshape(*h.shape[:-1], -1)
+
+    # --- the heads' side -------------------------------------------------------------
+    def check(self, layer, h):
+        p, n = int(h[0]), self.trace.prompt_len
+        j = p - n
+        bad = [q for q in self.wrong if q <= p]
+        if not bad:
+            g = self.trace.guesses[j][layer]
+        else:
+            d = min(bad)
+            key = (d, tuple(self.tok[q] for q in range(d, p + 1)))
+            if key not in self.trace.branches and self.branch is not None:
+                self.trace.branches.update(self.branch(self.trace, d, list(key[1])))
+            if key in self.trace.branches:
+                g = self.trace.branches[key][layer]
+            else:
+                self.misses += 1
+                g = self.trace.guesses[min(j, len(self.trace.guesses) - 1)][layer]   # approximation: greedy's guess here
+        self.last_right = not bad and j + 1 < len(self.trace.tokens) and g.token == self.trace.tokens[j + 1]
+        return g
+
+
+class Oracle:
+    """Exit exactly when the head's guess is greedy's next token (simulation only): the
+    ceiling for these heads at this max_pending."""
+
+    def __init__(self, replay_ref):
+        self.ref = replay_ref
+
+    def reset(self):
+        pass
+
+    def active(self, layer):
+        return True
+
+    def exit(self, layer, guess):
+        return bool(self.ref[0].last_right)
+
+    def observe(self, layer, accepted):
+        pass
+
+
+def replay(traces, layers, n_layers, max_seq_len, policy, max_pending=5, branch=None):
+    """Run generate_ada on every trace with `policy`; return the per-trace Stats and the
+    number of branch guesses that had to be approximated."""
+    from adadecode import generate_ada
+    stats, misses, ref = [], 0, [None]
+    if isinstance(policy, str) and policy == "oracle":
+        policy = Oracle(ref)
+    for t in traces:
+        r = ref[0] = Replay(t, layers, n_layers, max_seq_len, branch)
+        res = generate_ada(r, r, list(range(t.prompt_len)), t.max_new_tokens, set(t.eos), policy=policy,
+                           max_pending=max_pending)
+        if res.tokens != t.tokens:
+            raise AssertionError("a replay did not reproduce greedy's tokens")   # cannot happen: verification
+        stats.append(res.stats)
+        misses += r.misses
+    return stats, misses
+
+
+def figures(stats, n_tokens, cost=None):
+    """Aggregate over traces: ideal speedup, early and rejected rates, rows per call; with
+    a cost model {rows: seconds per layer call, "check": s, "logits": s}, the predicted speedup."""
+    L = stats[0].n_layers
+    greedy_rows = sum(max(n - 1, 0) * L for n in n_tokens)
+    seq = sum(st.sequential_layers for st in stats)
+    acc, rej = sum(st.accepted for st in stats), sum(st.rejected for st in stats)
+    early = sum(sum(st.early_by_layer.values()) for st in stats)
+    f = {"ideal_speedup": greedy_rows / max(seq, 1), "early_rate": early / max(sum(n_tokens), 1),
+         "rejection_rate": rej / max(acc + rej, 1),
+         "rows_per_call": sum(st.layer_rows for st in stats) / max(sum(st.layer_calls for st in stats), 1),
+         "head_checks_per_token": sum(st.head_checks for st in stats) / max(sum(n_tokens), 1)}
+    if cost:
+        greedy_t = sum(max(n - 1, 0) for n in n_tokens) * (L * cost[1] + cost["logits"])
+        ada_t = sum(c * cost[min(r, max(k for k in cost if isinstance(k, int)))] for st in stats
+                    for r, c in st.rows_hist.items())
+        ada_t += sum(st.head_checks for st in stats) * cost["check"]
+        ada_t += sum(st.verifications for st in stats) * cost["logits"]
+        f["predicted_speedup"] = greedy_t / ada_t
+    return f
+
+
+# --- recording, with the real model -----------------------------------------------
+
+class Recorder:
+    """Records traces with the real model and heads, and computes wrong-branch guesses
+    exactly when a replay asks for them (`branch`)."""
+
+    def __init__(self, model, heads):
+        self.model, self.heads = model, heads
+        self.layers = [l for l in heads.layers if l < model.args.n_layers]
+        self._prefix = {}             # id(trace) -> prompt + greedy tokens, for branches
+
+    @torch.inference_mode()
+    def record(self, prompt, tokens, max_new_tokens, eos):
+        """The trace of greedy's `tokens` for `prompt`: one teacher-forced pass. Where the
+        final layer's argmax here disagrees with `tokens` (a response made elsewhere, or a
+        float32 near-tie), the trace stops just before."""
+        m, n = self.model, len(prompt)
+        ids = torch.tensor([prompt + tokens], device=m.device)
+        cache = m.new_cache(ids.shape[1])
+        h, start, rows = m.embed(ids), 0, {}
+        for l in self.layers + [m.args.n_layers]:
+            h = m.run_layers(h, 0, cache, start, l)
+            start = l
+            if l in self.layers:
+                rows[l] = self.heads.check_rows(l, h[0, n:])
+        pred = m.logits(h[0, n - 1:-1]).argmax(-1).tolist()          # pred[j]: the final layer's tokens[j]
+        keep = next((j for j, (a, b) in enumerate(zip(pred, tokens)) if a != b), len(tokens))
+        if keep < len(tokens):
+            tokens, max_new_tokens = tokens[:keep], keep
+        guesses = [{l: rows[l][j] for l in self.layers} for j in range(len(tokens))]
+        t = Trace(n, list(tokens), max_new_tokens, sorted(eos), guesses)
+        self._prefix[id(t)] = prompt + list(tokens)
+        return t
+
+    @torch.inference_mode()
+    def branch(self, trace, d, toks):
+        """Guesses on a wrong branch: tokens `toks` at positions d, d+1, ... after greedy's
+        context before d. Computed by running those rows on a fresh cache holding greedy's
+        prefix; returns {(d, toks[:k+1]): {layer: Guess}} for every k."""
+        m = self.model
+        prefix = self._prefix.get(id(trace))
+        if prefix is None:
+            raise ValueError("exact branches need a trace recorded by this Recorder")
+        ids = torch.tensor([prefix[:d] + toks], device=m.device)
+        cache, h, start, out = m.new_cache(ids.shape[1]), m.embed(ids), 0, {}
+        for l in self.layers:
+            h = m.run_layers(h, 0, cache, start, l)
+            start = l
+            for k, g in enumerate(self.heads.check_rows(l, h[0, d:])):
+                out.setdefault((d, tuple(toks[:k + 1])), {})[l] = g
+        return out
+
+    def replay(self, traces, policy, max_pending=5, exact=False):
+        return replay(traces, self.layers, self.model.args.n_layers, self.model.args.max_seq_len, policy,
+                      max_pending, self.branch if exact else None)
+
+
+def row_costs(model, heads, rows=(1, 2, 3, 4, 5, 6), context=300, repeats=7):
+    """Seconds per single-layer call for each row count (all layers timed together, at a
+    realistic cache length), per head check, and per LM-head call: the cost model that
+    turns a replay into a predicted speedup on this machine."""
+    from adadecode import sync
+    m, L = model, model.args.n_layers
+    cost = {}
+    with torch.inference_mode():
+        cache = m.new_cache(context + max(rows) + 1)
+        m.run_layers(m.embed(torch.zeros(1, context, dtype=torch.long, device=m.device)), 0, cache)
+        for r in rows:
+            h = torch.randn(1, r, m.args.dim, dtype=m.output.weight.dtype, device=m.device)
+            times = []
+            for _ in range(repeats):
+                cache.truncate(context)
+                sync(m.device)
+                t = time.perf_counter()
+                m.run_layers(h, context, cache)
+                sync(m.device)
+                times.append(time.perf_counter() - t)
+            cost[r] = sorted(times)[len(times) // 2] / L
+        x = h[0, -1]
+        for name, fn in (("check", lambda: heads.check(heads.layers[0], x)), ("logits", lambda: m.logits(h[:, -1:]).argmax(-1).tolist())):
+            times = []
+            for _ in range(repeats * 3):
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+            cost[name] = sorted(times)[len(times) // 2]
+    return cost
+
+
+# --- choosing a policy -----------------------------------------------------------
+
+def fit_logistic(traces, layers, l2=1e-3, steps=200):
+    """Per head: logistic regression of "the head's guess is greedy's next token" on the
+    guess's features, over every greedy-path position of the traces."""
+    weights = {}
+    for l in layers:
+        X, y = [], []
+        for t in traces:
+            for j in range(len(t.tokens) - 1):
+                g = t.guesses[j][l]
+                X.append([1.0] + [getattr(g, f) for f in FEATURES])
+                y.append(float(g.token == t.tokens[j + 1]))
+        X, y = torch.tensor(X, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
+        mu, sd = X[:, 1:].mean(0), X[:, 1:].std(0).clamp(min=1e-6)
+        Xs = torch.cat([X[:, :1], (X[:, 1:] - mu) / sd], 1)          # standardised, for a well-posed fit
+        w = torch.zeros(X.shape[1], dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([w], max_iter=steps, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(Xs @ w, y) + l2 * (w[1:] ** 2).sum()
+            loss.backward()
+            return loss
+        opt.step(closure)
+        w = w.detach()
+        raw = torch.cat([(w[0] - (w[1:] * mu / sd).sum())[None], w[1:] / sd])   # back to raw features
+        weights[l] = raw.tolist()
+    return weights
+
+
+def choose_thresholds(evaluate, layers, grid=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98), rounds=2,
+                      start=0.75):
+    """Coordinate ascent over per-head thresholds: `evaluate({layer: t})` returns the
+    objective (higher is better). A head may also be switched off (threshold None)."""
+    best = {l: start for l in layers}
+    score = evaluate(best)
+    for _ in range(rounds):
+        changed = False
+        for l in layers:
+            for t in list(grid) + [None]:
+                trial = {**best, l: t}
+                if trial == best:
+                    continue
+                s = evaluate(trial)
+                if s > score + 1e-9:
+                    best, score, changed = trial, s, True
+        if not changed:
+            break
+    return best, score
+
+
+def _drop_none(th):
+    return {l: t for l, t in th.items() if t is not None}
+
+
+# --- command line ----------------------------------------------------------------
+
+def load_traces(rec, seqs, max_new_tokens, eos, path):
+    """Traces for (prompt, response) pairs, cached as JSON Lines at `path` (written whole, then renamed)."""
+    if path.exists():
+        return [Trace.from_json(json.loads(l)) for l in path.read_text().splitlines()]
+    traces = [rec.record(p, r, max_new_tokens, eos) for p, r in seqs]
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text("".join(json.dumps(t.to_json()) + "\n" for t in traces))
+    tmp.replace(path)
+    return traces
+
+
+def traces_for(rec, tok, folder, heads_path, prompts, max_new_tokens, raw=False):
+    """Traces of the model's greedy responses to `prompts` (responses and traces cached)."""
+    from model import eos_ids
+    from train_heads import generate_responses, response_cache
+    ids = [tok.prompt_ids(p["prompt"], raw=raw) for p in prompts]
+    resp = generate_responses(folder, ids, max_new_tokens, response_cache(folder, max_new_tokens))
+    hkey = hashlib.sha256(Path(heads_path).read_bytes()).hexdigest()[:8]
+    key = hashlib.sha256(json.dumps([ids, hkey, max_new_tokens]).encode()).hexdigest()[:12]
+    return load_traces(rec, [(p, r) for p, r in zip(ids, resp) if r], max_new_tokens, eos_ids(rec.model, tok),
+                       response_cache(folder).parent / f"traces-{key}.jsonl")
+
+
+def default_traces(split="held-out", n=400, max_new_tokens=128, heads_path=None):
+    """(Recorder, traces) for the default model and heads on train_heads.py's code prompts:
+    the held-out split (for choosing policies) or the training split."""
+    from adadecode import DEFAULT_HEADS, setup
+    from model import prepare_default_model
+    from train_heads import held_out_split, stdlib_function_prompts
+    heads_path = heads_path or DEFAULT_HEADS
+    model, tok, heads = setup(None, heads_path, "cpu", torch.float32)
+    train, held = held_out_split(stdlib_function_prompts(), n)
+    rec = Recorder(model, heads)
+    return rec, traces_for(rec, tok, prepare_default_model(), heads_path, held if split == "held-out" else train,
+                           max_new_tokens)
+
+
+def print_row(name, f):
+    pred = f.get("predicted_speedup")
+    print(f"{name:<34} {f['ideal_speedup']:6.3f}x  {'-' if pred is None else format(pred, '6.3f') + 'x':>8}  "
+          f"{f['early_rate']:6.1%}  {f['rejection_rate']:6.1%}  {f['rows_per_call']:5.2f}  {f['head_checks_per_token']:5.2f}")
+
+
+def main(argv=None):
+    from adadecode import DEFAULT_HEADS, read_prompts, setup
+    from exits import from_spec
+    from model import prepare_default_model
+    from train_heads import held_out_split, stdlib_function_prompts
+    ap = argparse.ArgumentParser(description="Replay AdaDecode's schedule for exit policies from recorded greedy traces.")
+    ap.add_argument("--model", help="Hugging Face Llama-family folder (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--heads", help=f"exit heads file (default: {DEFAULT_HEADS})")
+    ap.add_argument("--prompts", help="JSON Lines prompt file (default: the held-out split of train_heads.py's prompts)")
+    ap.add_argument("--raw", action="store_true", help="no chat template")
+    ap.add_argument("--n", type=int, default=400, help="prompts (train + held-out) of the default set, as train_heads.py")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--max-pending", type=int, default=5)
+    ap.add_argument("--exact", action="store_true", help="compute wrong-branch guesses with the model (slower)")
+    ap.add_argument("--objective", choices=["ideal", "predicted"], default="ideal",
+                    help="what --fit maximises: the ideal-hardware speedup, or the speedup predicted on this machine "
+                         "by its measured row-cost model")
+    ap.add_argument("--fit", action="store_true",
+                    help="fit the exit policy (classifier on the training split, per-head thresholds on the held-out "
+                         "split) and store it in the heads file")
+    a = ap.parse_args(argv)
+    try:
+        if a.max_new_tokens < 1 or a.max_pending < 0 or a.n < 4:
+            raise InputError("--max-new-tokens must be >= 1, --max-pending >= 0, --n >= 4")
+        heads_path = a.heads or (DEFAULT_HEADS if not a.model else None)
+        if not heads_path:
+            raise InputError("--heads is needed for a model other than the default")
+        model, tok, heads = setup(a.model, heads_path, "cpu", torch.float32)
+        folder = Path(a.model) if a.model else prepare_default_model()
+        if a.prompts:
+            prompts = read_prompts(a.prompts)
+            train, held = [], prompts
+        else:
+            train, held = held_out_split(stdlib_function_prompts(), a.n)
+        if a.fit and not train:
+            raise InputError("--fit needs the default prompt set (a training split for the classifier)")
+        rec = Recorder(model, heads)
+        sets = {name: traces_for(rec, tok, folder, heads_path, ps, a.max_new_tokens, a.raw)
+                for name, ps in (("held-out", held), ("train", train if a.fit else [])) if ps}
+        held_t = sets["held-out"]
+        n_tokens = [len(t.tokens) for t in held_t]
+        print(f"measuring the row-cost model on this machine ...", file=sys.stderr)
+        cost = row_costs(model, heads)
+        print("cost model: " + ", ".join(f"{k} rows {v * 1e3:.3f} ms" if isinstance(k, int) else f"{k} {v * 1e3:.3f} ms"
+                                         for k, v in cost.items()) + " (per layer call / per call)")
+        run = lambda policy: figures(rec.replay(held_t, policy, a.max_pending, a.exact)[0], n_tokens, cost)
+        print(f"\n{len(held_t)} held-out traces, {sum(n_tokens)} tokens, max_pending {a.max_pending}")
+        print(f"{'policy':<34} {'ideal':>7}  {'pred.':>8}  {'early':>6}  {'reject':>6}  {'rows':>5}  {'chk/t':>5}")
+        L = model.args.n_layers
+        for t in (0.5, 0.75, 0.9):
+            print_row(f"top-1 probability >= {t}", run(Threshold(t)))
+        for t in (0.3, 0.5, 0.7):
+            print_row(f"margin >= {t}", run(Threshold(t, "margin")))
+        if "policy" in heads.meta:
+            print_row("the heads file's policy", run(from_spec(heads.meta["policy"], L)))
+        print_row("oracle (exit iff the guess is right)", run("oracle"))
+        cats = sorted({p.get("category", "") for p in held})
+        if len(cats) > 1 and "policy" in heads.meta:      # per category: the paper's rule and the heads' policy
+            by_cat = {c: [t for t, p in zip(held_t, [p for p in held]) if p.get("category", "") == c] for c in cats}
+            for c, ts in by_cat.items():
+                n_c = [len(t.tokens) for t in ts]
+                for name, pol in (("0.75", Threshold(0.75)), ("policy", from_spec(heads.meta["policy"], L))):
+                    print_row(f"  {c}: {name}", figures(rec.replay(ts, pol, a.max_pending, a.exact)[0], n_c, cost))
+        if a.fit:
+            w = fit_logistic(sets["train"], rec.layers)
+            key = "ideal_speedup" if a.objective == "ideal" else "predicted_speedup"
+            obj = lambda th: run(Logistic(w, _drop_none(th)))[key]
+            th, score = choose_thresholds(obj, rec.layers)
+            policy = Guard(Logistic(w, _drop_none(th)), L)
+            print_row(f"fitted: logistic {th}", run(Logistic(w, _drop_none(th))))
+            print_row("fitted, with the guard", run(policy))
+            heads.meta["policy"] = policy.spec()
+            tmp = Path(heads_path).with_suffix(".tmp.safetensors")
+            heads.save(tmp)
+            tmp.replace(heads_path)
+            print(f"stored the policy in {heads_path}")
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""The exit-policy simulator replays exactly what the real loop does, and every exit
+policy (threshold, margin, logistic, guard) keeps AdaDecode token-exact.
+
+    pytest -q test_simulate.py
+"""
+from dataclasses import asdict
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from adadecode import generate_ada, generate_greedy
+from exits import Guard, Logistic, Threshold, from_spec
+from heads import Guess
+from model import InputError
+from simulate import Recorder, choose_thresholds, figures, fit_logistic
+from test_parity import check_same_cache, random_heads, setups
+
+
+def stats_dict(stats):
+    d = asdict(stats)
+    d.pop("trace")
+    return d
+
+
+@st.composite
+def policies(draw, layers, n_layers):
+    kind = draw(st.sampled_from(["p1", "margin", "logistic"]))
+    per_layer = draw(st.booleans())
+    t = st.floats(0.01, 0.99)
+    threshold = {l: draw(t) for l in layers if draw(st.booleans())} if per_layer else draw(t)
+    if kind == "logistic":
+        w = st.floats(-4.0, 4.0)
+        policy = Logistic({l: [draw(w) for _ in range(5)] for l in layers}, threshold)
+    else:
+        policy = Threshold(threshold, kind)
+    if draw(st.booleans()):
+        policy = Guard(policy, n_layers, slack=draw(st.floats(-0.5, 0.5)), alpha=draw(st.floats(0.05, 0.9)),
+                       prior=draw(st.floats(0.0, 1.0)), probe=draw(st.integers(1, 5)))
+    return policy
+
+
+@given(setup=setups(), seed=st.integers(0, 10**6), noise=st.floats(0.0, 3.0), max_pending=st.integers(0, 6),
+       max_new=st.integers(1, 24), use_eos=st.booleans(), data=st.data())
+def test_replay_equals_the_real_loop(setup, seed, noise, max_pending, max_new, use_eos, data):
+    """Same exits, rollbacks, layer calls, rows, checks and ideal speedup as generate_ada, for
+    any policy, with wrong branches computed exactly; the policy keeps the output exact."""
+    model, layers, prompt = setup
+    eos = {seed % model.args.vocab_size} if use_eos else set()
+    heads = random_heads(model, layers, seed, noise)
+    policy = data.draw(policies([l for l in layers if l < model.args.n_layers], model.args.n_layers))
+    greedy = generate_greedy(model, prompt, max_new, eos)
+    real = generate_ada(model, heads, prompt, max_new, eos, max_pending=max_pending, policy=policy)
+    assert real.tokens == greedy.tokens
+    check_same_cache(real.cache, greedy.cache)
+    s = real.stats
+    assert s.accepted + s.rejected + s.discarded == sum(s.early_by_layer.values())
+
+    rec = Recorder(model, heads)
+    trace = rec.record(prompt, greedy.tokens, max_new, eos)
+    assert trace.tokens == greedy.tokens                       # the teacher-forced pass agrees with greedy
+    sim, _ = rec.replay([trace], policy, max_pending, exact=True)
+    assert stats_dict(sim[0]) == stats_dict(real.stats)
+    n = [len(greedy.tokens)]
+    assert figures(sim, n)["ideal_speedup"] == real.stats.summary(len(greedy.tokens))["ideal_speedup"]
+    again, misses = rec.replay([trace], policy, max_pending)   # the branches are now in the trace
+    assert misses == 0 and stats_dict(again[0]) == stats_dict(real.stats)
+
+
+def test_approximate_branches_are_counted():
+    """Without the model, a guess on a wrong branch is approximated by greedy's guess at
+    that position, and counted; greedy-path replays need no approximation."""
+    from conftest import random_llama
+    model = random_llama(5, n_layers=4, vocab=11)
+    heads = random_heads(model, [1, 2], seed=3, noise=2.0)
+    prompt = [1, 2, 3]
+    greedy = generate_greedy(model, prompt, 40)
+    rec = Recorder(model, heads)
+    trace = rec.record(prompt, greedy.tokens, 40, set())
+    _, misses = rec.replay([trace], Threshold(0.0), 4)          # always exits: many wrong branches
+    assert misses > 0
+    stats, misses = rec.replay([trace], "oracle", 4)             # only right guesses: never off greedy's path
+    assert misses == 0 and sum(s.rejected for s in stats) == 0 and sum(s.accepted for s in stats) > 0
+
+
+def test_guard_switches_a_bad_head_off_and_keeps_parity():
+    """Heads that are always confident and always wrong: the guard stops checking them
+    after a few rejections (re-probing now and then); the output stays greedy's."""
+    from conftest import random_llama
+
+    class Wrong:
+        layers = [1, 2]
+
+        def check(self, layer, h):
+            return Guess(0, 1.0, 0.0, 0.0, 0.0)                # token 0, which greedy never emits below
+    model = random_llama(8, n_layers=4, vocab=11)
+    greedy = generate_greedy(model, [3, 4], 60)
+    assert 0 not in greedy.tokens[1:]
+    plain = generate_ada(model, Wrong(), [3, 4], 60, policy=Threshold(0.5))
+    guarded = generate_ada(model, Wrong(), [3, 4], 60, policy=Guard(Threshold(0.5), 4, probe=10))
+    assert plain.tokens == guarded.tokens == greedy.tokens
+    assert guarded.stats.rejected < plain.stats.rejected / 3
+    assert guarded.stats.sequential_layers < plain.stats.sequential_layers
+
+
+def test_policy_specs_round_trip_and_bad_specs_are_refused():
+    for p in (Threshold(0.6), Threshold({3: 0.5}, "margin"), Logistic({2: [0.1, 1, 2, 3, 4]}, {2: 0.7}),
+              Guard(Logistic({2: [0, 0, 0, 0, 0]}, 0.5), 30, slack=0.2)):
+        q = from_spec(p.spec(), 30)
+        assert q.spec() == p.spec()
+    for bad in ({"kind": "nope"}, {"kind": "threshold"}, {"kind": "threshold", "threshold": 2.0},
+                {"kind": "logistic", "weights": {2: [1, 2]}, "threshold": 0.5}, {}, None):
+        with pytest.raises(InputError):
+            from_spec(bad, 30)
+    with pytest.raises(InputError, match=r"\[0, 1\]"):
+        Threshold(-0.2)
+
+
+def test_fit_and_choose_thresholds():
+    """The fitted classifier ranks right guesses above wrong ones, and coordinate ascent
+    finds the best per-head thresholds of a known objective."""
+    from conftest import random_llama
+    model = random_llama(9, n_layers=4, vocab=11)
+    heads = random_heads(model, [1, 2, 3], seed=1, noise=1.0)
+    rec = Recorder(model, heads)
+    traces = [rec.record(p, generate_greedy(model, p, 30).tokens, 30, set()) for p in ([1], [2, 3], [4, 5, 6], [7])]
+    w = fit_logistic(traces, [1, 2, 3])
+    pol = Logistic(w, 0.5)
+    for l in (1, 2, 3):
+        pairs = [(pol.prob(l, t.guesses[j][l]), t.guesses[j][l].token == t.tokens[j + 1])
+                 for t in traces for j in range(len(t.tokens) - 1)]
+        right = [p for p, ok in pairs if ok]
+        wrong = [p for p, ok in pairs if not ok]
+        if right and wrong:
+            assert sum(right) / len(right) >= sum(wrong) / len(wrong)
+    target = {1: 0.9, 2: None, 3: 0.5}
+    obj = lambda th: -sum(abs((th[l] or 2.0) - (target[l] or 2.0)) for l in th)
+    best, score = choose_thresholds(obj, [1, 2, 3])
+    assert best == target and score == 0
