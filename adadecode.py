@@ -261,8 +261,11 @@ def read_prompts(path):
         except json.JSONDecodeError as e:
             raise InputError(f"{path}:{n}: not JSON ({e.msg})")
         text = row.get("prompt") if isinstance(row, dict) else None
-        if text is None and isinstance(row, dict) and row.get("turns"):
-            text = row["turns"][0]
+        if text is None and isinstance(row, dict) and "turns" in row:
+            turns = row["turns"]
+            if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
+                raise InputError(f"{path}:{n}: \"turns\" must be a non-empty list of strings")
+            text = turns[0]
         if not isinstance(text, str) or not text:
             raise InputError(f"{path}:{n}: needs a non-empty \"prompt\" or \"turns\"")
         prompts.append({**row, "prompt": text})
@@ -343,7 +346,7 @@ def main(argv=None):
                     on_token=stream if a.stream and not a.json else None)
             if a.json:
                 print(json.dumps({"prompt_tokens": r.prompt_tokens, "tokens": r.tokens, "text": tok.decode(r.tokens),
-                                  "seconds": r.seconds, "tokens_per_second": len(r.tokens) / r.seconds if r.seconds else None,
+                                  "seconds": r.seconds, "tokens_per_second": (len(r.tokens) - 1) / r.seconds if r.seconds and len(r.tokens) > 1 else None,
                                   "prefill_seconds": r.prefill_seconds, "method": a.method,
                                   "stats": r.stats.summary(len(r.tokens))}))
             elif a.stream:

@@ -246,6 +246,10 @@ def main(argv=None):
     a = ap.parse_args(argv)
     try:
         methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+        if not methods:
+            raise InputError("--methods names no method; choose from greedy, ada, selfspec (comma-separated)")
+        if Path(a.out).exists() and not Path(a.out).is_dir():
+            raise InputError(f"--out {a.out} is a file; give a folder (checked now, before the benchmark runs)")
         bad = [m for m in methods if m not in ("greedy", "ada", "selfspec")]
         if bad:
             raise InputError(f"unknown method(s) {bad}; choose from greedy, ada, selfspec")

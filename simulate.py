@@ -25,7 +25,6 @@ import json
 import os
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,7 +32,7 @@ from types import SimpleNamespace
 import torch
 
 from exits import FEATURES, Guard, Logistic, Threshold
-from heads import Guess
+from heads import ExitHeads, Guess
 from model import InputError
 
 
@@ -46,15 +45,18 @@ class Trace:
     eos: list
     guesses: list                 # guesses[j][layer]: Guess of the head after `layer` on the row of tokens[j]
     branches: dict = field(default_factory=dict)   # (first wrong position, branch tokens) -> {layer: Guess}
+    category: str = ""
 
     def to_json(self):
         return {"prompt_len": self.prompt_len, "tokens": self.tokens, "max_new_tokens": self.max_new_tokens,
-                "eos": sorted(self.eos), "guesses": [{str(l): list(g) for l, g in row.items()} for row in self.guesses]}
+                "eos": sorted(self.eos), "guesses": [{str(l): list(g) for l, g in row.items()} for row in self.guesses],
+                "category": self.category}
 
     @classmethod
     def from_json(cls, d):
         return cls(d["prompt_len"], d["tokens"], d["max_new_tokens"], d["eos"],
-                   [{int(l): Guess(int(g[0]), *g[1:]) for l, g in row.items()} for row in d["guesses"]])
+                   [{int(l): Guess(int(g[0]), *g[1:]) for l, g in row.items()} for row in d["guesses"]],
+                   category=d.get("category", ""))
 
 
 class _Cache:
@@ -339,17 +341,42 @@ def choose_thresholds(evaluate, layers, grid=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85
     return best, score
 
 
+def operating_point(traces, policy, layers):
+    """Per head, on greedy's path: the share of positions where the policy would exit
+    (coverage) and the share of those exits that are right (precision), as the check
+    runs at inference (shortlist softmax, the policy's own rule; a guard left out)."""
+    policy = getattr(policy, "policy", policy)
+    table = {}
+    for l in layers:
+        sure = right = n = 0
+        for t in traces:
+            for j in range(len(t.tokens) - 1):
+                g = t.guesses[j][l]
+                n += 1
+                if policy.active(l) and policy.exit(l, g):
+                    sure += 1
+                    right += g.token == t.tokens[j + 1]
+        table[l] = {"coverage": sure / max(n, 1), "precision": right / sure if sure else float("nan"),
+                    "agreement": sum(t.guesses[j][l].token == t.tokens[j + 1] for t in traces
+                                     for j in range(len(t.tokens) - 1)) / max(n, 1)}
+    return table
+
+
 def _drop_none(th):
     return {l: t for l, t in th.items() if t is not None}
 
 
 # --- command line ----------------------------------------------------------------
 
-def load_traces(rec, seqs, max_new_tokens, eos, path):
-    """Traces for (prompt, response) pairs, cached as JSON Lines at `path` (written whole, then renamed)."""
+def load_traces(rec, seqs, max_new_tokens, eos, path, categories=None):
+    """Traces for (prompt, response) pairs, cached as JSON Lines at `path` (written whole,
+    then renamed). A trace whose first token already disagrees with the response is dropped."""
     if path.exists():
         return [Trace.from_json(json.loads(l)) for l in path.read_text().splitlines()]
     traces = [rec.record(p, r, max_new_tokens, eos) for p, r in seqs]
+    for t, c in zip(traces, categories or []):
+        t.category = c
+    traces = [t for t in traces if t.tokens]
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text("".join(json.dumps(t.to_json()) + "\n" for t in traces))
     tmp.replace(path)
@@ -363,9 +390,9 @@ def traces_for(rec, tok, folder, heads_path, prompts, max_new_tokens, raw=False)
     ids = [tok.prompt_ids(p["prompt"], raw=raw) for p in prompts]
     resp = generate_responses(folder, ids, max_new_tokens, response_cache(folder, max_new_tokens))
     hkey = hashlib.sha256(Path(heads_path).read_bytes()).hexdigest()[:8]
-    key = hashlib.sha256(json.dumps([ids, hkey, max_new_tokens]).encode()).hexdigest()[:12]
-    return load_traces(rec, [(p, r) for p, r in zip(ids, resp) if r], max_new_tokens, eos_ids(rec.model, tok),
-                       response_cache(folder).parent / f"traces-{key}.jsonl")
+    key = hashlib.sha256(json.dumps([ids, hkey, max_new_tokens, 2]).encode()).hexdigest()[:12]
+    return load_traces(rec, list(zip(ids, resp)), max_new_tokens, eos_ids(rec.model, tok),
+                       response_cache(folder).parent / f"traces-{key}.jsonl", [p.get("category", "") for p in prompts])
 
 
 def default_traces(split="held-out", n=400, max_new_tokens=128, heads_path=None):
@@ -429,7 +456,7 @@ def main(argv=None):
                 for name, ps in (("held-out", held), ("train", train if a.fit else [])) if ps}
         held_t = sets["held-out"]
         n_tokens = [len(t.tokens) for t in held_t]
-        print(f"measuring the row-cost model on this machine ...", file=sys.stderr)
+        print("measuring the row-cost model on this machine ...", file=sys.stderr)
         cost = row_costs(model, heads)
         print("cost model: " + ", ".join(f"{k} rows {v * 1e3:.3f} ms" if isinstance(k, int) else f"{k} {v * 1e3:.3f} ms"
                                          for k, v in cost.items()) + " (per layer call / per call)")
@@ -444,9 +471,9 @@ def main(argv=None):
         if "policy" in heads.meta:
             print_row("the heads file's policy", run(from_spec(heads.meta["policy"], L)))
         print_row("oracle (exit iff the guess is right)", run("oracle"))
-        cats = sorted({p.get("category", "") for p in held})
+        cats = sorted({t.category for t in held_t})
         if len(cats) > 1 and "policy" in heads.meta:      # per category: the paper's rule and the heads' policy
-            by_cat = {c: [t for t, p in zip(held_t, [p for p in held]) if p.get("category", "") == c] for c in cats}
+            by_cat = {c: [t for t in held_t if t.category == c] for c in cats}
             for c, ts in by_cat.items():
                 n_c = [len(t.tokens) for t in ts]
                 for name, pol in (("0.75", Threshold(0.75)), ("policy", from_spec(heads.meta["policy"], L))):
@@ -459,7 +486,19 @@ def main(argv=None):
             policy = Guard(Logistic(w, _drop_none(th)), L)
             print_row(f"fitted: logistic {th}", run(Logistic(w, _drop_none(th))))
             print_row("fitted, with the guard", run(policy))
+            op = operating_point(held_t, policy, rec.layers)
+            print("held-out operating point (shortlist check, fitted rule, greedy's path):")
+            for l, r in op.items():
+                print(f"  head after layer {l}: agreement {r['agreement']:.3f}, coverage {r['coverage']:.3f}, "
+                      f"precision {r['precision']:.3f}")
+            used = [l for l in rec.layers if th[l] is not None]      # heads the policy never checks leave the file
+            if used and used != heads.layers:
+                kept = ExitHeads(model, used, heads.T[[heads.index[l] for l in used]])
+                kept.meta = heads.meta
+                heads = kept.set_shortlist(None if heads.shortlist is None else heads.shortlist.tolist())
+                print(f"dropped the heads after layers {[l for l in rec.layers if l not in used]} (never checked)")
             heads.meta["policy"] = policy.spec()
+            heads.meta["operating_point"] = {str(l): op[l] for l in heads.layers}
             tmp = Path(heads_path).with_suffix(".tmp.safetensors")
             heads.save(tmp)
             tmp.replace(heads_path)

@@ -2,11 +2,14 @@
 
     pytest -q test_heads.py
 """
+import json
+
 import pytest
 import torch
 
-from adadecode import DEFAULT_HEADS, main
+from adadecode import DEFAULT_HEADS, exit_policy, main
 from conftest import assert_close, random_llama
+from exits import Guard
 from heads import ExitHeads
 from model import InputError
 from train_heads import collect_features, evaluate, kl_loss
@@ -73,7 +76,10 @@ def test_bad_layer_indices_are_rejected(layers):
 def test_shipped_heads_load_for_the_default_model_and_refuse_others(real, tmp_path, capsys):
     folder, model, tok, eos = real
     heads = ExitHeads.load(DEFAULT_HEADS, model)
-    assert heads.layers == [8, 15, 22] and heads.shortlist is not None
+    assert set(heads.layers) <= set(heads.meta["training"]["layers"]) and heads.shortlist is not None
+    policy = exit_policy(heads)                      # the tuned policy the heads file carries
+    assert isinstance(policy, Guard) and json.loads(json.dumps(policy.spec())) == heads.meta["policy"]
+    assert set(heads.meta["operating_point"]) == {str(l) for l in heads.layers}
     ev = heads.meta["evaluation"]["trained"]
     assert all(ev[str(l)]["agreement"] > ev_id["agreement"]
                for l, ev_id in zip(heads.layers, (heads.meta["evaluation"]["identity"][str(l)] for l in heads.layers)))
@@ -84,3 +90,26 @@ def test_shipped_heads_load_for_the_default_model_and_refuse_others(real, tmp_pa
     shutil.copy(folder / "tokenizer.json", tmp_path / "tokenizer.json")
     assert main(["--model", str(tmp_path), "--prompt", "hi", "--raw", "--method", "ada", "--heads", DEFAULT_HEADS]) == 2
     assert "another model" in capsys.readouterr().err
+
+
+def test_training_prompts_are_deterministic_and_never_benchmark_prompts():
+    """The held-out split is the same in every process (no memory addresses in the prompts),
+    and no training prompt is one that bench.py reports (HumanEval, prompts.jsonl) or that
+    policies are tuned on (prompts-tune.jsonl)."""
+    import subprocess
+    import sys
+    from bench import humaneval_prompts
+    from train_heads import domain_prompts, stdlib_function_prompts
+    code = stdlib_function_prompts()
+    assert not any(" at 0x" in p["prompt"] for p in code)
+    probe = ("import hashlib, json; from train_heads import stdlib_function_prompts, held_out_split; "
+             "print(hashlib.sha256(json.dumps(held_out_split(stdlib_function_prompts(), 400)).encode()).hexdigest())")
+    runs = {subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+            for _ in range(2)}
+    assert len(runs) == 1, "the held-out split differs between processes"
+    training = {p["prompt"] for p in code + domain_prompts()}
+    reported = {p["prompt"] for p in humaneval_prompts()}
+    for f in ("prompts.jsonl", "prompts-tune.jsonl"):
+        reported |= {json.loads(l)["prompt"] for l in open(f) if l.strip()}
+    assert not training & reported
+    assert {p["category"] for p in domain_prompts()} == {"math", "summarisation", "chat", "translation"}

@@ -13,8 +13,9 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from adadecode import DEFAULT_HEADS, generate_ada, generate_greedy, generate_selfspec
+from adadecode import DEFAULT_HEADS, exit_policy, generate_ada, generate_greedy, generate_selfspec
 from conftest import assert_close, random_llama
+from exits import Threshold
 from heads import ExitHeads, Guess
 from model import InputError
 
@@ -168,9 +169,9 @@ def test_real_model_parity_with_shipped_heads(real):
     for text in REAL_PROMPTS:
         ids = tok.prompt_ids(text)
         greedy = generate_greedy(model, ids, 64, eos)
-        for threshold in (0.75, 0.3):            # the default, and a low one that forces rollbacks
-            ada = generate_ada(model, heads, ids, 64, eos, threshold=threshold)
-            assert ada.tokens == greedy.tokens, (text, threshold)
+        for policy in (exit_policy(heads), Threshold(0.75), Threshold(0.3)):   # tuned, the paper's, forced rollbacks
+            ada = generate_ada(model, heads, ids, 64, eos, policy=policy)
+            assert ada.tokens == greedy.tokens, (text, policy.spec())
             early += sum(ada.stats.early_by_layer.values())
             rollbacks += ada.stats.rollbacks
     assert early > 50 and rollbacks >= 1

@@ -6,7 +6,6 @@ policy (threshold, margin, logistic, guard) keeps AdaDecode token-exact.
 from dataclasses import asdict
 
 import pytest
-import torch
 from hypothesis import given, strategies as st
 
 from adadecode import generate_ada, generate_greedy

@@ -77,6 +77,82 @@ def stdlib_function_prompts():
     return prompts
 
 
+NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jo", "Kemal", "Lena", "Maya", "Nils"]
+ITEMS = ["notebook", "apple", "ticket", "plant", "candle", "bottle of juice", "pencil case", "loaf of bread"]
+MATH = ["A {item} costs {a} dollars. How much do {n} of them cost?",
+        "{name} reads {a} pages a day. How many pages does {name} read in {n} days?",
+        "What is {p} percent of {b}? Show your working.",
+        "Solve for x: {a}x + {b} = {c}. Explain each step.",
+        "A class has {a} boys and {b} girls. What fraction of the class are girls?",
+        "{name} has {b} stickers, buys {a} more and gives away {n}. How many are left?",
+        "A bus carries {a} people on each trip. How many trips are needed for {c} people?",
+        "The sum of two numbers is {c} and one of them is {a}. What is the other number?",
+        "A rectangle has sides of {a} m and {n} m. What are its area and its perimeter?",
+        "{name} walks {n} km in {a} minutes. What is the average speed in km per hour?"]
+TOPICS = ["how a refrigerator keeps food cold", "why the sky is blue", "how vaccines work", "what inflation is",
+          "how bees make honey", "why we have seasons", "how a bicycle stays upright", "what a black hole is",
+          "how the internet sends messages", "why bread rises", "how plants make food from sunlight",
+          "what causes earthquakes", "how a compass works", "why the moon has phases", "how recycling helps",
+          "what a budget is", "how clouds form", "why exercise is good for the heart", "how a battery stores energy",
+          "what photosynthesis needs", "how tides work", "why metals conduct electricity"]
+ACTIVITIES = ["keeping a small garden", "learning a new language", "running a first 5 km", "saving money each month",
+              "studying for an exam", "cooking for a group of friends", "travelling by train", "starting to draw",
+              "organising a tidy desk", "writing a short story", "keeping a houseplant alive", "preparing for a job interview"]
+LANGUAGES = ["French", "Spanish", "German", "Italian"]
+
+
+def domain_prompts(n_per_domain=40, seed=0):
+    """Prompts outside code, written for this project or built from offline text (never a
+    public benchmark's): math word problems from templates, summaries of standard-library
+    module documentation, explanations and tips, and translations of docstring sentences."""
+    import importlib
+    import warnings
+    rng = random.Random(seed)
+    math_p = []
+    for _ in range(n_per_domain):
+        a, b, n, p = rng.randint(2, 60), rng.randint(2, 90), rng.randint(2, 12), rng.choice([5, 10, 15, 20, 25, 40])
+        text = rng.choice(MATH).format(item=rng.choice(ITEMS), name=rng.choice(NAMES), a=a, b=b, n=n, p=p,
+                                       c=a * n + b)
+        math_p.append({"prompt": text, "category": "math"})
+    paragraphs, sentences = [], []
+    for name in STDLIB_MODULES:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                doc = inspect.getdoc(importlib.import_module(name)) or ""
+        except Exception:
+            continue
+        paragraphs += [" ".join(q.split()) for q in doc.split("\n\n") if 200 <= len(q) <= 900 and "::" not in q
+                       and ">>>" not in q]
+        sentences += [x.strip().rstrip(".") + "." for x in " ".join(doc.split()).split(". ")
+                      if 40 <= len(x) <= 140 and x[:1].isupper() and not any(c in x for c in "`>*=")]
+    summ = [{"prompt": f"Summarise in two sentences: {q}", "category": "summarisation"}
+            for q in rng.sample(paragraphs, min(n_per_domain, len(paragraphs)))]
+    chat = [{"prompt": rng.choice(["Explain {t} in simple terms.", "Can you tell me {t}?"]).format(t=t), "category": "chat"}
+            for t in TOPICS] + [{"prompt": f"Give me three tips for {x}.", "category": "chat"} for x in ACTIVITIES]
+    trans = [{"prompt": f"Translate into {rng.choice(LANGUAGES)}: {x}", "category": "translation"}
+             for x in rng.sample(sentences, min(n_per_domain // 2, len(sentences)))]
+    return math_p + summ + chat[:n_per_domain] + trans
+
+
+def function_sources(prompts, tok, eos, max_tokens=256):
+    """Teacher-forced training text for the code prompts: each function's real source as
+    the answer, in a fenced block like the model's own. No generation is needed (one
+    forward pass), so it is cheap to have many more positions than responses give."""
+    import importlib
+    seqs = []
+    for p in prompts:
+        module, _, name = p.get("source", "").rpartition(".")
+        try:
+            src = textwrap.dedent(inspect.getsource(getattr(importlib.import_module(module), name)))
+        except Exception:          # no source to be had (a builtin, a module that moved): skip it
+            continue
+        answer = tok.encode(f"```python\n{src}```", add_special_tokens=False)
+        end = [eos] if eos is not None and len(answer) <= max_tokens else []
+        seqs.append((tok.prompt_ids(p["prompt"]), answer[:max_tokens] + end))
+    return seqs
+
+
 def held_out_split(prompts, n, heldout=0.15, seed=0):
     """(train, held-out): the first `n` prompts after a seeded shuffle; the first 15% are held out."""
     prompts = list(prompts)
@@ -143,31 +219,37 @@ def collect_features(model, layers, sequences):
     return {l: torch.cat(v) for l, v in feats.items()}, torch.cat(final)
 
 
-def kl_loss(heads, feats, final, idx):
-    """Mean over positions of KL(p_final || p_head), summed over heads."""
+def kl_loss(heads, feats, final, idx, vocab=None, ce=0.0):
+    """Mean over positions of KL(p_final || p_head), summed over heads; plus `ce` times the
+    cross-entropy of the final layer's top-1 token. With `vocab` (a shortlist of token
+    ids) both distributions are taken over those tokens only: the softmax the exit check
+    computes at inference, and about V/K times cheaper."""
     norm, output = heads._frozen
+    w = output.weight if vocab is None else output.weight[vocab]               # (V, d) or (K, d)
     with torch.no_grad():
-        teacher = F.log_softmax(output(norm(final[idx])).float(), dim=-1)    # (B, V)
+        teacher = F.log_softmax((norm(final[idx]) @ w.T).float(), dim=-1)     # (B, V)
+        target = teacher.argmax(-1)
     loss = 0.0
     for l in heads.layers:
-        student = F.log_softmax(heads.logits(l, feats[l][idx]).float(), dim=-1)
+        student = F.log_softmax((norm(feats[l][idx] @ heads.T[heads.index[l]].T) @ w.T).float(), dim=-1)
         loss = loss + F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+        if ce:
+            loss = loss + ce * F.nll_loss(student, target)
     return loss
 
 
 @torch.no_grad()
 def evaluate(heads, feats, final, thresholds=(0.5, 0.75, 0.9), batch=512):
-    """Per head layer: top-1 agreement with the final layer; coverage and precision per threshold;
-    and (confidence, correct) pairs for the calibration plot."""
+    """Per head layer, with the check as it runs at inference (over the shortlist when the
+    heads have one): top-1 agreement with the final layer; coverage and precision per
+    threshold on the top-1 probability; and (confidence, correct) pairs for the calibration plot."""
     norm, output = heads._frozen
     target = torch.cat([output(norm(final[i:i + batch])).argmax(-1) for i in range(0, len(final), batch)])
     table, points = {}, {}
     for l in heads.layers:
-        conf, pred = [], []
-        for i in range(0, len(final), batch):
-            c, p = torch.softmax(heads.logits(l, feats[l][i:i + batch]).float(), -1).max(-1)
-            conf.append(c), pred.append(p)
-        conf, right = torch.cat(conf), torch.cat(pred) == target
+        f = torch.cat([heads.features(l, feats[l][i:i + batch]) for i in range(0, len(final), batch)])
+        idx = f[:, 0].long()
+        conf, right = f[:, 1], (idx if heads.shortlist is None else heads.shortlist[idx]) == target
         row = {"agreement": right.float().mean().item()}
         for t in thresholds:
             sure = conf >= t
@@ -220,10 +302,22 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--shortlist", type=int, default=2048,
                     help="exit checks look at the K tokens most frequent in the training responses (0: whole vocabulary)")
+    ap.add_argument("--no-sources", dest="sources", action="store_false",
+                    help="default prompts only: do not add the functions' real sources as teacher-forced training text")
+    ap.add_argument("--domains", choices=["code", "mixed"], default="code",
+                    help="default prompts only: code requests alone, or with math, summarisation, chat and translation")
+    ap.add_argument("--ce", type=float, default=0.0, help="weight of a cross-entropy term on the final layer's top-1")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="heads/smollm2-135m-instruct.safetensors")
     a = ap.parse_args(argv)
     try:
+        for flag, ok in (("--n", a.n >= 4), ("--epochs", a.epochs >= 0), ("--batch", a.batch >= 1), ("--lr", a.lr > 0),
+                         ("--shortlist", a.shortlist >= 0), ("--heldout", 0 < a.heldout < 1), ("--ce", a.ce >= 0),
+                         ("--max-new-tokens", a.max_new_tokens >= 1)):
+            if not ok:
+                raise InputError(f"{flag} is out of range (see --help)")
+        if Path(a.out).is_dir():   # checked before the long work, not after it
+            raise InputError(f"--out {a.out} is a folder; give the heads file's path")
         torch.manual_seed(a.seed)
         folder = Path(a.model) if a.model else prepare_default_model()
         model, tok = load_model(folder), Tokenizer(folder)
@@ -233,11 +327,23 @@ def main(argv=None):
         else:
             prompts, source = stdlib_function_prompts(), "stdlib 'complete this function' requests"
         train_p, held_p = held_out_split(prompts, a.n, a.heldout, a.seed)
+        if a.domains == "mixed" and not a.prompts:   # the other domains' prompts, held out in the same proportion
+            dom_train, dom_held = held_out_split(domain_prompts(), 10**6, a.heldout, a.seed)
+            train_p, held_p, source = train_p + dom_train, held_p + dom_held, source + " + other domains"
         prompt_ids = [tok.prompt_ids(p["prompt"], raw=a.raw) for p in held_p + train_p]
         n_held = len(held_p)
         responses = generate_responses(folder, prompt_ids, a.max_new_tokens, response_cache(folder, a.max_new_tokens))
         seqs = list(zip(prompt_ids, responses))
         held, train = [x for x in seqs[:n_held] if x[1]], [x for x in seqs[n_held:] if x[1]]
+        if a.sources and not a.prompts:    # teacher-forced sources of every function that is not held out
+            eos = tok.token_id("eos_token")          # the chat turn's end; else any of the model's EOS ids
+            eos = eos if eos is not None else min(eos_ids(model, tok), default=None)
+            train = train + function_sources([p for p in prompts if p not in held_p], tok, eos)
+        vocab = None
+        if a.shortlist:                    # the tokens the exit check will look at, and the training loss too
+            counts = Counter(t for _, r in train for t in r)
+            vocab = torch.tensor(sorted(t for t, _ in counts.most_common(a.shortlist)))
+            heads.set_shortlist(vocab.tolist())
         tr_feats, tr_final = collect_features(model, heads.layers, train)
         ho_feats, ho_final = collect_features(model, heads.layers, held)
         print(f"{len(train)} training sequences ({len(tr_final)} positions), {len(held)} held out ({len(ho_final)})")
@@ -248,22 +354,27 @@ def main(argv=None):
         steps = a.epochs * math.ceil(len(tr_final) / a.batch)
         warm = max(1, int(0.03 * steps))   # cosine schedule with 3% warm-up, as in the paper
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / (steps - warm))))
+            opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
+        agreement = lambda: sum(r["agreement"] for r in evaluate(heads, ho_feats, ho_final)[0].values())
+        best = (agreement(), heads.T.detach().clone(), 0)
         bar = tqdm(total=steps, desc="training heads", unit="step")
         for epoch in range(a.epochs):
             for idx in torch.randperm(len(tr_final)).split(a.batch):
-                loss = kl_loss(heads, tr_feats, tr_final, idx)
+                loss = kl_loss(heads, tr_feats, tr_final, idx, vocab, a.ce)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 sched.step()
                 bar.update()
-                bar.set_postfix(kl=f"{loss.item():.3f}", epoch=epoch)
+                bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
+            score = agreement()            # early stopping: keep the epoch whose heads agree most on held-out data
+            if score > best[0]:
+                best = (score, heads.T.detach().clone(), epoch + 1)
         bar.close()
         heads.requires_grad_(False)
-        if a.shortlist:
-            counts = Counter(t for _, r in train for t in r)
-            heads.set_shortlist(sorted(t for t, _ in counts.most_common(a.shortlist)))
+        heads.T.copy_(best[1])
+        print(f"kept the heads after epoch {best[2]} of {a.epochs} (held-out agreement summed over heads {best[0]:.3f})")
+        if vocab is not None:
             covered = sum(t in set(heads.shortlist.tolist()) for _, r in held for t in r) / sum(len(r) for _, r in held)
             print(f"shortlist of {len(heads.shortlist)} tokens covers {covered:.1%} of held-out response tokens")
 
@@ -276,7 +387,9 @@ def main(argv=None):
         calibration_plot(points, plot)
         heads.save(out, training={"source": source, "prompts": len(train), "positions": len(tr_final),
                                   "max_new_tokens": a.max_new_tokens, "epochs": a.epochs, "lr": a.lr,
-                                  "batch": a.batch, "seed": a.seed, "shortlist": a.shortlist,
+                                  "batch": a.batch, "seed": a.seed, "shortlist": a.shortlist, "ce": a.ce,
+                                  "sources": a.sources and not a.prompts, "kept_epoch": best[2],
+                                  "domains": a.domains, "layers": a.layers,
                                   "command": " ".join(sys.argv)},
                    evaluation={"heldout_prompts": len(held), "heldout_positions": len(ho_final),
                                "trained": {str(k): v for k, v in table.items()},
