@@ -33,6 +33,7 @@ import torch
 
 from exits import FEATURES, Guard, Logistic, Threshold
 from heads import ExitHeads, Guess
+from kvcache import KVCache
 from model import InputError
 
 
@@ -65,9 +66,7 @@ class _Cache:
     def __init__(self, n_layers):
         self.lengths = [0] * n_layers
 
-    def truncate(self, length, layer=None):
-        for l in range(len(self.lengths)) if layer is None else [layer]:
-            self.lengths[l] = min(self.lengths[l], length)
+    truncate = KVCache.truncate          # it only moves the lengths
 
 
 class Replay:
