@@ -24,6 +24,7 @@ from exits import Threshold, from_spec
 from model import InputError, Tokenizer, eos_ids, load_model, prepare_default_model
 
 DEFAULT_HEADS = "heads/smollm2-135m-instruct.safetensors"
+DTYPES = ["float32", "int8", "bfloat16", "float64"]
 
 
 @dataclass
@@ -321,8 +322,9 @@ def main(argv=None):
     ap.add_argument("--max-pending", type=int, default=5, help="at most this many unverified early tokens")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float64"], default="float32",
-                    help="float32 by default, on CPU and GPU alike: in bfloat16 near-ties flip (README)")
+    ap.add_argument("--dtype", choices=DTYPES, default="float32",
+                    help="float32 by default; int8: weight-only int8 linear layers, CPU only, bit-exact under "
+                         "AdaDecode (README, 'int8')")
     ap.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     ap.add_argument("--stream", action="store_true", help="print verified text as it is confirmed")
     a = ap.parse_args(argv)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from adadecode import (DEFAULT_HEADS, eos_ids, exit_policy, generate_ada, generate_greedy, generate_selfspec,
+from adadecode import (DEFAULT_HEADS, DTYPES, eos_ids, exit_policy, generate_ada, generate_greedy, generate_selfspec,
                        read_prompts, setup, sync)
 from model import InputError
 from train_heads import CODE_REQUEST
@@ -51,6 +51,13 @@ def machine(device, dtype):
     return info
 
 
+def peak_memory(device):
+    """Peak memory of this process so far, in bytes (GPU: allocated by torch; CPU: resident)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def read_bandwidth(device, gib=1.0, repeats=5):
     """Measured memory read bandwidth (GB/s): the median time to sum a large buffer."""
     x = torch.ones(int(gib * 2**30 / 4), dtype=torch.float32, device=device)
@@ -65,19 +72,19 @@ def read_bandwidth(device, gib=1.0, repeats=5):
 
 
 def weight_bytes_per_token(model):
-    """Bytes of weights read to decode one token: every matrix once (the embedding lookup
-    reads one row, but a tied LM head reads the whole matrix)."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel() * p.element_size()
+    """Bytes of weights read to decode one token: every matrix once (int8 weights and their
+    scales included), except the embedding, of which the lookup reads one row, unless the
+    LM head is the same matrix."""
+    emb = model.tok_embeddings.weight
+    total = sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
+    if getattr(model.output, "weight", None) is not emb:
+        total -= (emb.shape[0] - 1) * emb.shape[1] * emb.element_size()
     return total
 
 
 def top2_margin(model, prompt, tokens, i):
     """Top-two logit margin of the full model at the position that produced tokens[i]."""
-    ids = torch.tensor([prompt + tokens[:i]], device=model.output.weight.device)
+    ids = torch.tensor([prompt + tokens[:i]], device=model.device)
     with torch.inference_mode():
         z = model.logits(model.run_layers(model.embed(ids), 0, model.new_cache(ids.shape[1]))[:, -1])[0]
     top = z.float().topk(2).values
@@ -110,9 +117,9 @@ def summarise(rows):
     by = defaultdict(list)
     for r in rows:
         by[r["label"]].append(r)
-    greedy = {r["prompt_index"]: r for r in by["greedy"]}
     out = {}
     for label, rs in by.items():
+        greedy = {r["prompt_index"]: r for r in by[rs[0]["reference"]]}      # greedy in the same dtype
         toks, secs = sum(r["n_tokens"] for r in rs), sum(r["seconds"] for r in rs)
         ratios = [greedy[r["prompt_index"]]["seconds"] / r["seconds"] * r["n_tokens"] / greedy[r["prompt_index"]]["n_tokens"]
                   for r in rs if r["seconds"] > 0]
@@ -127,7 +134,7 @@ def summarise(rows):
         out[label] = {
             "prompts": len(rs), "tokens": toks, "tokens_per_second": toks / secs,
             "median_tokens_per_second": statistics.median(r["n_tokens"] / r["seconds"] for r in rs),
-            "speedup": (toks / secs) / (sum(r["n_tokens"] for r in by["greedy"]) / sum(r["seconds"] for r in by["greedy"])),
+            "speedup": (toks / secs) / (sum(r["n_tokens"] for r in greedy.values()) / sum(r["seconds"] for r in greedy.values())),
             "median_speedup": statistics.median(ratios) if ratios else None,
             "ideal_speedup": s["greedy_layer_rows"] / max(s["sequential_layers"], 1) if label != "hf" else None,
             "simulated_ideal_speedup": (s["greedy_layer_rows"] / max(s["sim_sequential_layers"], 1)
@@ -146,10 +153,11 @@ def print_table(summary, title):
     print(f"\n{title}")
     cols = ["method", "tok/s", "speedup", "med.spd", "ideal", "sim.ideal", "early", "reject", "acc/ver", "rows/call",
             "parity"]
-    print("  ".join(f"{c:>9}" for c in cols))
+    w = max(9, *map(len, summary))
+    print(f"{cols[0]:>{w}}  " + "  ".join(f"{c:>9}" for c in cols[1:]))
     for label, s in summary.items():
         f = lambda v, fmt: "-" if v is None else format(v, fmt)
-        print("  ".join(f"{x:>9}" for x in [label, f(s["tokens_per_second"], ".2f"), f(s["speedup"], ".3f") + "x",
+        print(f"{label:>{w}}  " + "  ".join(f"{x:>9}" for x in [f(s["tokens_per_second"], ".2f"), f(s["speedup"], ".3f") + "x",
                                             f(s["median_speedup"], ".3f") + "x", f(s["ideal_speedup"], ".2f") + "x",
                                             f(s["simulated_ideal_speedup"], ".2f") + "x",
                                             f(s["early_rate"], ".1%"), f(s["rejection_rate"], ".1%"),
@@ -237,8 +245,12 @@ def main(argv=None):
                          "a sweep (default: the exit policy tuned for the heads, stored in the heads file)")
     ap.add_argument("--max-pending", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float64"], default="float32",
-                    help="float32 by default, on CPU and GPU alike: in bfloat16 near-ties flip (README)")
+    ap.add_argument("--dtype", choices=DTYPES, nargs="+", default=["float32"],
+                    help="float32 by default; int8: weight-only int8 linear layers, CPU only (README, 'int8'). "
+                         "Several: each runs every method, interleaved, against its own greedy")
+    ap.add_argument("--row-cost", action="store_true",
+                    help="only measure the row-cost curve (1-8 rows per layer call, all layers) for this dtype and "
+                         "device: a table in results.json and row_cost.png")
     ap.add_argument("--compile", action="store_true", help="torch.compile each transformer block (dynamic shapes)")
     ap.add_argument("--compare-hf", action="store_true", help="also time transformers' greedy generate")
     ap.add_argument("--seed", type=int, default=0)
@@ -260,15 +272,25 @@ def main(argv=None):
             raise InputError(f"--threshold values must be in [0, 1], got {a.threshold}")
         if a.n < 1:
             raise InputError("--n must be at least 1")
+        dtypes = list(dict.fromkeys(a.dtype))
+        if a.compare_hf and dtypes != ["float32"]:
+            raise InputError("--compare-hf times transformers' float32 greedy; run it with --dtype float32 alone")
+        if a.row_cost and len(dtypes) > 1:
+            raise InputError("--row-cost measures one dtype per run")
         torch.manual_seed(a.seed)
-        dtype = getattr(torch, a.dtype)
         heads_path = a.heads or (DEFAULT_HEADS if not a.model else None)
         if not heads_path and methods != ["greedy"]:
             raise InputError("--heads is needed for a model other than the default")
-        model, tok, heads = setup(a.model, heads_path, a.device, dtype)
-        if a.compile:
-            for i, blk in enumerate(model.layers):
-                model.layers[i] = torch.compile(blk, dynamic=True)
+        engines = {}                  # dtype -> (model, heads, simulator's recorder)
+        for dt in dtypes:
+            model, tok, heads = setup(a.model, heads_path, a.device, getattr(torch, dt))
+            if a.row_cost:
+                return row_cost_report(Path(a.out), model, heads, machine(a.device, dt))
+            if a.compile:
+                for i, blk in enumerate(model.layers):
+                    model.layers[i] = torch.compile(blk, dynamic=True)
+            from simulate import Recorder
+            engines[dt] = (model, heads, Recorder(model, heads) if heads is not None else None)
         eos = eos_ids(model, tok)
         prompts = read_prompts(a.prompts) if a.prompts else humaneval_prompts()
         prompts = prompts[:a.n]
@@ -277,56 +299,66 @@ def main(argv=None):
         if a.compare_hf:
             from transformers import LlamaForCausalLM
             hf = LlamaForCausalLM.from_pretrained(a.model or str(__import__("model").prepare_default_model()),
-                                                  dtype=dtype).to(a.device).eval()
+                                                  dtype=torch.float32).to(a.device).eval()
 
-        runs = [("greedy", None)] + [(m, t) for m in methods if m == "ada" for t in thresholds] + \
-               [(m, None) for m in methods if m == "selfspec"]
-        label = lambda m, t: f"ada@{t}" if m == "ada" and t is not None else m
-        from simulate import Recorder
-        rec = Recorder(model, heads) if heads is not None else None
-        for m, t in runs:   # warm-up: every code path once, untimed
+        runs = [(dt, m, t) for dt in dtypes for m, t in [("greedy", None)] +
+                [(m, t) for m in methods if m == "ada" for t in thresholds] + [(m, None) for m in methods if m == "selfspec"]]
+        def label(dt, m, t):
+            name = f"ada@{t}" if m == "ada" and t is not None else m
+            return name if len(dtypes) == 1 else f"{name}/{dt}"
+        for dt, m, t in runs:   # warm-up: every code path once, untimed
+            model, heads, _ = engines[dt]
             run_method(m, model, heads, ids[0], 16, eos, t, a.max_pending)
         if hf is not None:
             hf_greedy(hf, ids[0], 16, a.device)
 
         rows, trace = [], None
         for i, (p, x) in enumerate(tqdm(list(zip(prompts, ids)), desc="benchmark", unit="prompt")):
-            ref = None
-            for m, t in runs:   # interleaved: every method on this prompt before the next prompt
+            ref = {}
+            for dt, m, t in runs:   # interleaved: every dtype and method on this prompt before the next prompt
+                model, heads, rec = engines[dt]
                 r = run_method(m, model, heads, x, a.max_new_tokens, eos, t, a.max_pending,
-                               trace=(i == 0 and m == "ada" and t == thresholds[0]))
+                               trace=(i == 0 and m == "ada" and t == thresholds[0] and dt == dtypes[0]))
                 if m == "greedy":
-                    ref = r.tokens
+                    ref[dt] = r.tokens
                 if r.stats.trace:
                     trace = r.stats.trace
                 st = r.stats.summary(len(r.tokens))
                 if m == "ada":   # the simulator's prediction from greedy's trace, beside the measured schedule
-                    sim, _ = rec.replay([rec.record(x, ref, a.max_new_tokens, eos)], exit_policy(heads, t),
+                    sim, _ = rec.replay([rec.record(x, ref[dt], a.max_new_tokens, eos)], exit_policy(heads, t),
                                         a.max_pending, exact=True)
                     st["sim_sequential_layers"] = sim[0].sequential_layers
-                rows.append(result_row(i, p, label(m, t), m, t, r.tokens, ref, r.seconds, r.prefill_seconds,
-                                       st, model, x))
+                rows.append(result_row(i, p, label(dt, m, t), label(dt, "greedy", None), m, t, dt, r.tokens, ref[dt],
+                                       r.seconds, r.prefill_seconds, st, model, x))
             if hf is not None:
                 toks, secs = hf_greedy(hf, x, a.max_new_tokens, a.device)
-                rows.append(result_row(i, p, "hf", "hf", None, toks, ref, secs, 0.0, {}, model, x))
+                rows.append(result_row(i, p, "hf", "greedy", "hf", None, "float32", toks, ref["float32"], secs, 0.0,
+                                       {}, engines["float32"][0], x))
 
         summary = summarise(rows)
         cats = sorted({r["category"] for r in rows})
         per_cat = {c: summarise([r for r in rows if r["category"] == c]) for c in cats} if len(cats) > 1 else {}
-        mach = machine(a.device, dtype)
+        mach = machine(a.device, ",".join(dtypes))
+        mem = peak_memory(a.device)                   # before the bandwidth probe's 1 GiB buffer
         bw = read_bandwidth(a.device)
-        wbytes = weight_bytes_per_token(model)
-        mem = (torch.cuda.max_memory_allocated(a.device) if torch.device(a.device).type == "cuda"
-               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         print_table(summary, f"{len(prompts)} prompts x {a.max_new_tokens} new tokens, {mach['device']} {mach['dtype']}, "
                              f"{mach.get('gpu', mach['cpu'])}")
         for c, s in per_cat.items():
             print_table(s, f"category: {c}")
-        g = summary["greedy"]["tokens_per_second"]
-        print(f"\nmemory-bandwidth floor: {wbytes / 1e6:.0f} MB of weights per token / {bw:.1f} GB/s measured read "
-              f"bandwidth = {bw * 1e9 / wbytes:.1f} tok/s; greedy reaches {g:.1f} tok/s "
-              f"({g / (bw * 1e9 / wbytes):.0%} of the floor)")
-        print(f"peak memory: {mem / 2**20:.0f} MiB")
+        floors = {}
+        for dt in dtypes:
+            wbytes = weight_bytes_per_token(engines[dt][0])
+            g = summary[label(dt, "greedy", None)]["tokens_per_second"]
+            floors[dt] = {"weight_bytes_per_token": wbytes, "weight_memory_bytes": weight_memory(engines[dt][0]),
+                          "floor_tokens_per_second": bw * 1e9 / wbytes, "greedy_fraction_of_floor": g / (bw * 1e9 / wbytes)}
+            print(f"\n{dt}: memory-bandwidth floor: {wbytes / 1e6:.0f} MB of weights per token / {bw:.1f} GB/s measured "
+                  f"read bandwidth = {bw * 1e9 / wbytes:.1f} tok/s; greedy reaches {g:.1f} tok/s "
+                  f"({g / (bw * 1e9 / wbytes):.0%} of the floor); weights in memory "
+                  f"{floors[dt]['weight_memory_bytes'] / 2**20:.0f} MiB")
+        agreement = None
+        if len(dtypes) > 1:
+            agreement = dtype_agreement(rows, dtypes, engines, ids, summary, label)
+        print(f"peak memory: {mem / 2**20:.0f} MiB (every model loaded in this process)")
         divergences = [r for r in rows if r["divergence"]]
         for r in divergences:
             d = r["divergence"]
@@ -335,18 +367,20 @@ def main(argv=None):
 
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
+        model, heads, _ = engines[dtypes[0]]
         figs = plots(out, summary, trace, a.threshold or [], model.args.n_layers, heads.layers if heads else [])
         result = {"machine": mach, "args": vars(a), "summary": summary, "per_category": per_cat,
-                  "bandwidth_gb_s": bw, "weight_bytes_per_token": wbytes, "peak_memory_bytes": mem,
+                  "bandwidth_gb_s": bw, "per_dtype": floors, "dtype_agreement": agreement, "peak_memory_bytes": mem,
                   "heads": heads.meta if heads else None, "rows": rows}
         (out / "results.json").write_text(json.dumps(result, indent=1))
         with open(out / "results.csv", "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["prompt_index", "category", "method", "threshold", "n_tokens", "seconds", "tokens_per_second",
-                        "prefill_seconds", "parity", "early", "rejected", "mean_rows_per_call", "ideal_speedup"])
+            w.writerow(["prompt_index", "category", "method", "threshold", "dtype", "n_tokens", "seconds",
+                        "tokens_per_second", "prefill_seconds", "parity", "early", "rejected", "mean_rows_per_call",
+                        "ideal_speedup"])
             for r in rows:
                 st = r["stats"]
-                w.writerow([r["prompt_index"], r["category"], r["method"], r["threshold"], r["n_tokens"],
+                w.writerow([r["prompt_index"], r["category"], r["method"], r["threshold"], r["dtype"], r["n_tokens"],
                             f"{r['seconds']:.4f}", f"{r['n_tokens'] / r['seconds']:.3f}", f"{r['prefill_seconds']:.4f}",
                             int(r["parity"]), st.get("early", ""), st.get("rejected", ""),
                             f"{st['mean_rows_per_call']:.3f}" if st else "", f"{st['ideal_speedup']:.3f}" if st else ""])
@@ -359,14 +393,71 @@ def main(argv=None):
     return 0
 
 
-def result_row(i, p, label, method, threshold, tokens, ref, seconds, prefill, stats, model, ids):
+def row_cost_report(out, model, heads, mach):
+    """Seconds per layer call (all layers, at a 300-token context) for 1..8 rows, the exit
+    check and the LM head: the curve that decides what a deferred row costs on this machine."""
+    from simulate import row_costs
+    cost = row_costs(model, heads, rows=range(1, 9), repeats=9)
+    rows = {r: cost[r] for r in range(1, 9)}
+    print(f"row cost, {mach['dtype']} on {mach.get('gpu', mach['cpu'])} (ms per layer call; "
+          f"relative to one row):")
+    for r, c in rows.items():
+        print(f"  {r} row{'s' if r > 1 else ' '}  {c * 1e3:7.3f} ms  {c / rows[1]:5.2f}x")
+    print(f"  LM head {cost['logits'] * 1e3:.3f} ms" +
+          (f", exit check {cost['check'] * 1e3:.3f} ms" if "check" in cost else ""))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"machine": mach, "row_cost_seconds": rows,
+                                                  "check_seconds": cost.get("check"), "lm_head_seconds": cost["logits"]},
+                                                 indent=1))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    ax.plot(list(rows), [c / rows[1] for c in rows.values()], "o-", label=f"{mach['dtype']}")
+    ax.plot(list(rows), list(rows), "k:", lw=0.8, label="proportional to rows")
+    ax.set_xlabel("rows in one layer call"), ax.set_ylabel("time relative to one row")
+    ax.set_title(f"Row cost: {mach.get('gpu', mach['cpu'])}", fontsize=8), ax.legend(fontsize=8)
+    fig.tight_layout(), fig.savefig(out / "row_cost.png", dpi=110), plt.close(fig)
+    print(f"wrote {out / 'results.json'}, {out / 'row_cost.png'}")
+    return 0
+
+
+def weight_memory(model):
+    """Bytes the weights occupy (parameters and buffers, a shared matrix once)."""
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
+
+
+def dtype_agreement(rows, dtypes, engines, ids, summary, label):
+    """Greedy in each dtype against greedy in the first: speed ratio, prompts with identical
+    output, and where they differ, the first divergence and the reference's top-two margin there."""
+    base = dtypes[0]
+    greedy = {(r["dtype"], r["prompt_index"]): r["tokens"] for r in rows if r["method"] == "greedy"}
+    report = {}
+    for dt in dtypes[1:]:
+        same, firsts = 0, []
+        for i in range(len(ids)):
+            a, b = greedy[(base, i)], greedy[(dt, i)]
+            if a == b:
+                same += 1
+                continue
+            j = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            firsts.append({"prompt_index": i, "index": j, "margin": top2_margin(engines[base][0], ids[i], a, j)})
+        ratio = summary[label(dt, "greedy", None)]["tokens_per_second"] / summary[label(base, "greedy", None)]["tokens_per_second"]
+        report[dt] = {"greedy_speed_ratio": ratio, "identical_prompts": same, "prompts": len(ids), "divergences": firsts}
+        print(f"\n{dt} vs {base}: greedy {ratio:.2f}x the tokens/s; identical greedy output on {same}/{len(ids)} prompts" +
+              "".join(f"\n  prompt {d['prompt_index']}: first difference at token {d['index']}, {base}'s top-two "
+                      f"logit margin there {d['margin']:.3f}" for d in firsts))
+    return report
+
+
+def result_row(i, p, label, reference, method, threshold, dtype, tokens, ref, seconds, prefill, stats, model, ids):
     div = None
     if ref is not None and tokens != ref:
         j = next((k for k, (x, y) in enumerate(zip(tokens, ref)) if x != y), min(len(tokens), len(ref)))
         div = {"index": j, "got": tokens[j] if j < len(tokens) else None, "want": ref[j] if j < len(ref) else None,
                "margin": top2_margin(model, ids, ref, j)}
-    return {"prompt_index": i, "category": p.get("category", "all"), "label": label, "method": method,
-            "threshold": threshold, "n_tokens": len(tokens), "seconds": seconds, "prefill_seconds": prefill,
+    return {"prompt_index": i, "category": p.get("category", "all"), "label": label, "reference": reference,
+            "method": method, "threshold": threshold, "dtype": dtype, "n_tokens": len(tokens), "seconds": seconds, "prefill_seconds": prefill,
             "parity": tokens == ref, "divergence": div, "stats": stats, "tokens": tokens}
 
 

@@ -21,8 +21,8 @@ def assert_close(a, b, atol=1e-6, rtol=1e-6, what="tensors"):
 
 
 def tiny_config(seed=0, n_layers=4, dim=32, n_heads=4, n_kv_heads=2, vocab=97, tie=False, rope_scaling=None,
-                rope_theta=10000.0, max_pos=256):
-    cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=dim, intermediate_size=2 * dim + 8,
+                rope_theta=10000.0, max_pos=256, ffn=None):
+    cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=dim, intermediate_size=ffn or 2 * dim + 8,
                num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
                vocab_size=vocab, rms_norm_eps=1e-5, rope_theta=rope_theta, max_position_embeddings=max_pos,
                tie_word_embeddings=tie, hidden_act="silu", bos_token_id=1, eos_token_id=2)

@@ -23,25 +23,13 @@ evaluation figures (JSON in the metadata).
 
     heads = ExitHeads.load("heads/smollm2-135m-instruct.safetensors", model)
 """
-import hashlib
 import json
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 
-from model import InputError
-
-
-def model_fingerprint(model):
-    """A short hash of the config and a few weights: heads refuse any other model.
-    Weights are hashed at bfloat16 precision so the same checkpoint loaded in
-    float32, float64 or bfloat16 gives the same fingerprint."""
-    a = model.args
-    sig = hashlib.sha256(json.dumps([a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size, a.ffn_dim]).encode())
-    for w in (model.tok_embeddings.weight[:64], model.norm.weight, model.layers[0].attention.wqkv.weight[:64]):
-        sig.update(w.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
-    return sig.hexdigest()[:16]
+from model import InputError, Int8Linear, linear_rows, model_fingerprint
 
 
 class Guess(NamedTuple):
@@ -74,11 +62,14 @@ class ExitHeads(nn.Module):
         self.layers = check_layers(layers, model.args.n_layers)
         self.index = {l: i for i, l in enumerate(self.layers)}
         self.n_layers = model.args.n_layers
-        d, w = model.args.dim, model.output.weight
+        d = model.args.dim
         if transforms is None:
-            transforms = torch.eye(d, dtype=w.dtype, device=w.device).repeat(len(self.layers), 1, 1)
-        self.T = nn.Parameter(transforms.to(w.dtype))                   # (n_heads, d, d)
+            transforms = torch.eye(d, dtype=model.dtype, device=model.device).repeat(len(self.layers), 1, 1)
+        self.T = nn.Parameter(transforms.to(model.dtype))               # (n_heads, d, d)
         self._frozen = (model.norm, model.output)   # a tuple: not registered, not saved, not trained
+        # on an int8 model the check runs T through the int8 kernel too (T is fixed there: heads
+        # are trained on a float model)
+        self._T8 = tuple(Int8Linear(t) for t in self.T) if isinstance(model.output, Int8Linear) else None
         self.fingerprint = model_fingerprint(model)
         self.meta = {}
         self.shortlist = self._short_ids = None
@@ -88,9 +79,9 @@ class ExitHeads(nn.Module):
         if token_ids is None:
             self.shortlist = self._short_ids = None
             return self
-        w = self._frozen[1].weight
-        self.shortlist = torch.as_tensor(token_ids, dtype=torch.long, device=w.device)
-        self._short_w = w[self.shortlist].contiguous()                  # (K, d): read in place by the check
+        output = self._frozen[1]
+        self.shortlist = torch.as_tensor(token_ids, dtype=torch.long, device=self.T.device)
+        self._short_out = (linear_rows(output, self.shortlist),)       # the LM head's K rows, copied once (a tuple: not registered)
         self._short_ids = self.shortlist.tolist()                       # index -> token id, on the host
         return self
 
@@ -103,9 +94,10 @@ class ExitHeads(nn.Module):
     def features(self, layer, h):
         """(..., 5) float tensor [top-1 index, p1, p2, entropy, lse] for hidden states h (..., d).
         The index is into the shortlist when there is one."""
-        norm = self._frozen[0]
-        w = self._frozen[1].weight if self.shortlist is None else self._short_w
-        z = norm(h @ self.T[self.index[layer]].T) @ w.T                     # (..., V) or (..., K)
+        norm, output = self._frozen
+        project = output if self.shortlist is None else self._short_out[0]
+        i = self.index[layer]
+        z = project(norm(self._T8[i](h) if self._T8 else h @ self.T[i].T))  # (..., V) or (..., K)
         z = z.float() if z.element_size() < 4 else z                        # at least float32
         lse = torch.logsumexp(z, dim=-1)
         top, j = z.topk(min(2, z.shape[-1]), dim=-1)                        # (..., 2)
@@ -151,8 +143,7 @@ class ExitHeads(nn.Module):
         if info["fingerprint"] != model_fingerprint(model):
             raise InputError(f"{path}: these heads were trained for another model "
                              f"(fingerprint {info['fingerprint']}, this model's is {model_fingerprint(model)})")
-        w = model.output.weight
-        heads = cls(model, json.loads(info["layers"]), T.to(w.device))
+        heads = cls(model, json.loads(info["layers"]), T.to(model.device))
         heads.meta = json.loads(info.get("meta", "{}"))
         heads.set_shortlist(shortlist)
         return heads.requires_grad_(False)

@@ -15,6 +15,7 @@ Greedy decoding, early exit, deferred layers and verification all go through
     python model.py --prepare    # convert the default model once, print its folder
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -26,6 +27,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kvcache import KVCache
+
+
+# Calls of at most this many rows (every decoding call) compute attention row by row; see Attention.
+ROW_BY_ROW = 16
 
 
 class InputError(ValueError):
@@ -126,6 +131,83 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+class Int8Linear(nn.Module):
+    """A bias-free linear layer with weight-only int8 quantisation: W ~= Wq * scale, one
+    scale per output row. The CPU kernel takes bfloat16 activations, so x is rounded to
+    bfloat16 at the input and the result comes back in x's dtype; everything around the
+    matmul (residual stream, norms, attention) stays in float32. It reads a quarter of
+    float32's bytes, and its result for a row is bit-identical whatever the number of
+    rows in the call, which float32's F.linear does not promise."""
+
+    def __init__(self, weight):
+        super().__init__()
+        w = weight.detach().float()
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-30).to(torch.bfloat16)   # the kernel's scale dtype
+        self.register_buffer("wq", (w / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale)
+
+    def forward(self, x):
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), self.wq, self.scale)
+        return y.view(*x.shape[:-1], -1).to(x.dtype)
+
+    def rows(self, ids):
+        """The same layer restricted to output rows `ids` (an exit head's shortlist)."""
+        sub = Int8Linear.__new__(Int8Linear)
+        nn.Module.__init__(sub)
+        sub.register_buffer("wq", self.wq[ids].contiguous())
+        sub.register_buffer("scale", self.scale[ids].contiguous())
+        return sub
+
+
+def linear_rows(linear, ids):
+    """A linear layer (nn.Linear or Int8Linear) restricted to output rows `ids`."""
+    if isinstance(linear, Int8Linear):
+        return linear.rows(ids)
+    sub = nn.Linear(linear.in_features, len(ids), bias=False, device="meta")
+    sub.weight = nn.Parameter(linear.weight[ids].contiguous(), requires_grad=False)
+    return sub
+
+
+def quantize_int8(model):
+    """Replace every linear layer (q/k/v, o, gate/up, down, the LM head) by an Int8Linear,
+    in place. The embedding stays float32 (a lookup reads one row). CPU only: the kernel's
+    CUDA support differs between builds and is untested here."""
+    if model.device.type != "cpu":
+        raise InputError(f"--dtype int8 runs on the CPU only (this model is on {model.device}); use float32 on a GPU")
+    if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        raise InputError(f"--dtype int8 needs torch.ops.aten._weight_int8pack_mm, missing from torch {torch.__version__}")
+    widths = sorted({m.in_features for m in model.modules() if isinstance(m, nn.Linear)})
+    if any(k % 64 for k in widths):
+        raise InputError(f"--dtype int8 needs every linear layer's input width to be a multiple of 64 "
+                         f"(the kernel's blocking); this model has {widths}")
+    model.fingerprint = model_fingerprint(model)      # of the float weights: heads trained on them still fit
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.Linear):
+                setattr(module, name, Int8Linear(child.weight))
+    return model
+
+
+def precision(model):
+    """The model's numeric mode as the command lines name it: "int8", "float32", ..."""
+    if isinstance(model.output, Int8Linear):
+        return "int8"
+    return str(model.dtype).removeprefix("torch.")
+
+
+def model_fingerprint(model):
+    """A short hash of the config and a few weights: heads refuse any other model.
+    Weights are hashed at bfloat16 precision so the same checkpoint loaded in
+    float32, float64, bfloat16 or int8 gives the same fingerprint."""
+    if getattr(model, "fingerprint", None):
+        return model.fingerprint                      # taken before int8 quantisation
+    a = model.args
+    sig = hashlib.sha256(json.dumps([a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size, a.ffn_dim]).encode())
+    for w in (model.tok_embeddings.weight[:64], model.norm.weight, model.layers[0].attention.wqkv.weight[:64]):
+        sig.update(w.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return sig.hexdigest()[:16]
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -147,14 +229,20 @@ class Attention(nn.Module):
         # grouped-query attention without repeating KV heads: query head h reads KV head
         # h // G, so fold each group's G query heads into one KV head's rows
         G = H // H_kv
-        q = q.reshape(B, H_kv, G * T, D)              # (B, H_kv, G*T, D)
-        mask = None
-        if T > 1:  # row t sees the cache and the new rows up to itself
+        if T <= ROW_BY_ROW:
+            # decoding: each row attends exactly as a one-row call would (the same kernel, on
+            # the same keys, with the same strides), so a row's result never depends on which
+            # other rows share the call (batch invariance), and no mask is needed
+            y = torch.stack([F.scaled_dot_product_attention(q[:, :, t].reshape(B, H_kv, G, D).contiguous(),
+                                                            k[:, :, :pos + t + 1], v[:, :, :pos + t + 1])
+                             for t in range(T)], dim=1)                       # (B, T, H_kv, G, D)
+        else:
+            # a long call (the prompt): one masked kernel, row t sees the cache and the rows up to itself
             t = torch.arange(T, device=x.device).repeat(G)
             mask = torch.arange(pos + T, device=x.device)[None, :] <= (pos + t)[:, None]  # (G*T, S)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)   # (B, H_kv, G*T, D)
-        y = y.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
-        return self.wo(y)
+            y = F.scaled_dot_product_attention(q.reshape(B, H_kv, G * T, D), k, v, attn_mask=mask)
+            y = y.view(B, H, T, D).transpose(1, 2)                          # (B, T, H, D)
+        return self.wo(y.reshape(B, T, H * D))
 
 
 class FeedForward(nn.Module):
@@ -197,18 +285,22 @@ class Transformer(nn.Module):
 
     @property
     def device(self):
-        return self.output.weight.device
+        return self.norm.weight.device
+
+    @property
+    def dtype(self):
+        """The dtype of the residual stream and the cache (float32 for an int8 model)."""
+        return self.norm.weight.dtype
 
     def new_cache(self, max_len):
         """A KV cache for `max_len` positions, and the rotary table to match."""
         if max_len > self.args.max_seq_len:
             raise ValueError(f"{max_len} positions asked for, the model's context is {self.args.max_seq_len}")
-        w = self.output.weight
-        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32, device=w.device), self.inv_freq)
+        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32, device=self.device), self.inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)                  # (S_max, D)
-        self.rope_cos, self.rope_sin = emb.cos().to(w.dtype), emb.sin().to(w.dtype)
+        self.rope_cos, self.rope_sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
         a = self.args
-        return KVCache(a.n_layers, a.n_kv_heads, a.head_dim, max_len, w.dtype, w.device)
+        return KVCache(a.n_layers, a.n_kv_heads, a.head_dim, max_len, self.dtype, self.device)
 
     def embed(self, tokens):
         return self.tok_embeddings(tokens)                       # (B, T) -> (B, T, dim)
@@ -261,7 +353,10 @@ def read_safetensors(folder: Path):
 
 
 def load_model(folder, dtype=torch.float32, device="cpu"):
-    """Load a Hugging Face Llama-family folder into a Transformer (eval mode, no grads)."""
+    """Load a Hugging Face Llama-family folder into a Transformer (eval mode, no grads).
+    dtype torch.int8 loads float32 and quantises every linear layer (Int8Linear)."""
+    if dtype == torch.int8:
+        return quantize_int8(load_model(folder, torch.float32, device))
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder}: no config.json (is this a Hugging Face checkpoint folder?)")

@@ -34,7 +34,7 @@ import torch
 from exits import FEATURES, Guard, Logistic, Threshold
 from heads import ExitHeads, Guess
 from kvcache import KVCache
-from model import InputError
+from model import ROW_BY_ROW, InputError, precision
 
 
 @dataclass
@@ -212,19 +212,23 @@ class Recorder:
 
     @torch.inference_mode()
     def record(self, prompt, tokens, max_new_tokens, eos):
-        """The trace of greedy's `tokens` for `prompt`: one teacher-forced pass. Where the
-        final layer's argmax here disagrees with `tokens` (a response made elsewhere, or a
-        float32 near-tie), the trace stops just before."""
-        m, n = self.model, len(prompt)
+        """The trace of greedy's `tokens` for `prompt`, teacher-forced: the prompt in one call,
+        as prefill runs it, then the response in calls of ROW_BY_ROW rows, whose rows are
+        computed as decoding computes them (bit for bit in int8, where the forward is
+        batch-invariant). Where the final layer's argmax here disagrees with `tokens` (a
+        response made elsewhere, or a float32 near-tie), the trace stops just before."""
+        m, n, L = self.model, len(prompt), self.model.args.n_layers
         ids = torch.tensor([prompt + tokens], device=m.device)
-        cache = m.new_cache(ids.shape[1])
-        h, start, rows = m.embed(ids), 0, {}
-        for l in self.layers + [m.args.n_layers]:
-            h = m.run_layers(h, 0, cache, start, l)
-            start = l
-            if l in self.layers:
-                rows[l] = self.heads.check_rows(l, h[0, n:])
-        pred = m.logits(h[0, n - 1:-1]).argmax(-1).tolist()          # pred[j]: the final layer's tokens[j]
+        cache, rows, pred = m.new_cache(ids.shape[1]), {l: [] for l in self.layers}, []
+        for a in [0] + list(range(n, ids.shape[1], ROW_BY_ROW)):
+            b = n if a == 0 else min(a + ROW_BY_ROW, ids.shape[1])
+            h, start = m.embed(ids[:, a:b]), 0
+            for l in self.layers + [L]:
+                h = m.run_layers(h, a, cache, start, l)
+                start = l
+                if l in self.layers and a > 0:
+                    rows[l] += self.heads.check_rows(l, h[0])
+            pred += m.logits(h[0, -1:] if a == 0 else h[0]).argmax(-1).tolist()   # pred[j]: the final layer's tokens[j]
         keep = next((j for j, (a, b) in enumerate(zip(pred, tokens)) if a != b), len(tokens))
         if keep < len(tokens):
             tokens, max_new_tokens = tokens[:keep], keep
@@ -267,7 +271,7 @@ def row_costs(model, heads, rows=(1, 2, 3, 4, 5, 6), context=300, repeats=7):
         cache = m.new_cache(context + max(rows) + 1)
         m.run_layers(m.embed(torch.zeros(1, context, dtype=torch.long, device=m.device)), 0, cache)
         for r in rows:
-            h = torch.randn(1, r, m.args.dim, dtype=m.output.weight.dtype, device=m.device)
+            h = torch.randn(1, r, m.args.dim, dtype=m.dtype, device=m.device)
             times = []
             for _ in range(repeats):
                 cache.truncate(context)
@@ -278,7 +282,10 @@ def row_costs(model, heads, rows=(1, 2, 3, 4, 5, 6), context=300, repeats=7):
                 times.append(time.perf_counter() - t)
             cost[r] = sorted(times)[len(times) // 2] / L
         x = h[0, -1]
-        for name, fn in (("check", lambda: heads.check(heads.layers[0], x)), ("logits", lambda: m.logits(h[:, -1:]).argmax(-1).tolist())):
+        calls = [("logits", lambda: m.logits(h[:, -1:]).argmax(-1).tolist())]
+        if heads is not None:
+            calls.append(("check", lambda: heads.check(heads.layers[0], x)))
+        for name, fn in calls:
             times = []
             for _ in range(repeats * 3):
                 t = time.perf_counter()
@@ -389,7 +396,7 @@ def traces_for(rec, tok, folder, heads_path, prompts, max_new_tokens, raw=False)
     ids = [tok.prompt_ids(p["prompt"], raw=raw) for p in prompts]
     resp = generate_responses(folder, ids, max_new_tokens, response_cache(folder, max_new_tokens))
     hkey = hashlib.sha256(Path(heads_path).read_bytes()).hexdigest()[:8]
-    key = hashlib.sha256(json.dumps([ids, hkey, max_new_tokens, 2]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([ids, hkey, max_new_tokens, precision(rec.model), 3]).encode()).hexdigest()[:12]
     return load_traces(rec, list(zip(ids, resp)), max_new_tokens, eos_ids(rec.model, tok),
                        response_cache(folder).parent / f"traces-{key}.jsonl", [p.get("category", "") for p in prompts])
 

@@ -8,6 +8,7 @@ the real default model with its shipped heads in float32.
     pytest -q test_parity.py
 """
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from adadecode import DEFAULT_HEADS, exit_policy, generate_ada, generate_greedy,
 from conftest import assert_close, random_llama
 from exits import Threshold
 from heads import ExitHeads, Guess
-from model import InputError
+from model import InputError, Int8Linear, load_model, quantize_int8
 
 
 class AdversarialHeads:
@@ -178,3 +179,120 @@ def test_real_model_parity_with_shipped_heads(real):
     spec = generate_selfspec(model, heads, tok.prompt_ids(REAL_PROMPTS[0]), 64, eos)
     assert spec.tokens == generate_greedy(model, tok.prompt_ids(REAL_PROMPTS[0]), 64, eos).tokens
     assert spec.stats.accepted > 0
+
+
+# --- int8: bit for bit, not only token for token ---------------------------------------
+# The int8 forward is batch-invariant: a row's result does not depend on how many rows
+# share its layer call. So AdaDecode's rows, deferred and batched, are bitwise greedy's.
+
+def int8_llama(seed, n_layers, shape, ffn, vocab, max_pos=256):
+    n_kv, group, head_dim = shape
+    model = random_llama(seed, dtype=torch.float32, n_layers=n_layers, n_heads=n_kv * group, n_kv_heads=n_kv,
+                         dim=n_kv * group * head_dim, ffn=ffn, vocab=vocab, max_pos=max_pos)
+    return quantize_int8(model)
+
+
+def scored_rows(model):
+    """Wrap model.logits: record {position: (hidden row, logits row)} for every row it
+    scores; a position scored again (after a rollback) keeps its last, verified, value."""
+    caches, rows = [], {}
+    new_cache, logits = model.new_cache, model.logits
+
+    def recording_cache(n):
+        caches.append(new_cache(n))
+        return caches[-1]
+
+    def recording_logits(h):
+        z = logits(h)
+        hs, zs = h.reshape(-1, h.shape[-1]), z.reshape(-1, z.shape[-1])
+        top = caches[-1].lengths[-1]                     # the rows are the last ones the top layer holds
+        for r in range(hs.shape[0]):
+            rows[top - hs.shape[0] + r] = (hs[r].clone(), zs[r].clone())
+        return z
+
+    model.new_cache, model.logits = recording_cache, recording_logits
+    return rows
+
+
+@st.composite
+def int8_setups(draw):
+    n_layers = draw(st.integers(2, 5))
+    shape = draw(st.sampled_from([(1, 1, 64), (1, 2, 32), (2, 2, 16), (1, 4, 16), (2, 1, 32), (4, 1, 16)]))
+    model = int8_llama(draw(st.integers(0, 10**6)), n_layers, shape, draw(st.sampled_from([64, 128, 192])),
+                       draw(st.sampled_from([5, 11, 61])), max_pos=1024)
+    layers = sorted(draw(st.sets(st.integers(1, n_layers), min_size=1, max_size=n_layers)))
+    n = draw(st.one_of(st.integers(1, 24), st.integers(250, 700)))   # long ones: attention splits its keys
+    rnd = random.Random(draw(st.integers(0, 10**6)))
+    prompt = [rnd.randrange(model.args.vocab_size) for _ in range(n)]
+    return model, layers, prompt
+
+
+def assert_bitwise_equal_runs(model, run_greedy, run_ada):
+    g_rows = scored_rows(model)
+    greedy = run_greedy()
+    a_rows = scored_rows(model)
+    ada = run_ada()
+    del model.new_cache, model.logits                   # back to the class's methods
+    assert ada.tokens == greedy.tokens
+    assert ada.cache.lengths == greedy.cache.lengths
+    for l, n in enumerate(greedy.cache.lengths):
+        assert torch.equal(ada.cache.k[l, :, :, :n], greedy.cache.k[l, :, :, :n]), f"layer {l} keys differ"
+        assert torch.equal(ada.cache.v[l, :, :, :n], greedy.cache.v[l, :, :, :n]), f"layer {l} values differ"
+    for pos, (h, z) in g_rows.items():                 # every row that produced a token
+        assert torch.equal(a_rows[pos][0], h) and torch.equal(a_rows[pos][1], z), f"position {pos} differs"
+    return ada
+
+
+@given(setup=int8_setups(), seed=st.integers(0, 10**6), noise=st.floats(0.0, 3.0), threshold=st.floats(0.0, 1.0),
+       max_pending=st.integers(0, 8), max_new=st.integers(1, 32), adversarial=st.booleans())
+def test_int8_ada_is_bitwise_greedy(setup, seed, noise, threshold, max_pending, max_new, adversarial):
+    """Tokens, every layer's KV cache, and every verified row's final hidden state and
+    logits: torch.equal, with random or adversarial heads and any max_pending."""
+    model, layers, prompt = setup
+    heads = (AdversarialHeads(layers, model.args.vocab_size, seed=seed) if adversarial
+             else random_heads(model, layers, seed, noise))
+    assert_bitwise_equal_runs(model, lambda: generate_greedy(model, prompt, max_new),
+                              lambda: generate_ada(model, heads, prompt, max_new, threshold=threshold,
+                                                   max_pending=max_pending))
+
+
+@given(seed=st.integers(0, 10**6), pos=st.integers(0, 700), rows=st.integers(2, 16))
+def test_int8_layer_calls_are_batch_invariant(seed, pos, rows):
+    """One call on `rows` rows equals `rows` one-row calls, bit for bit, at every layer,
+    at cache lengths long enough for attention kernels to split their keys into blocks
+    (one masked multi-row call differs from one-row calls at some of them)."""
+    model = int8_llama(seed, 3, (1, 2, 32), 128, 61, max_pos=1024)
+    h = torch.randn(1, pos + rows, 64, generator=torch.Generator().manual_seed(seed))
+    with torch.inference_mode():
+        a, b = model.new_cache(pos + rows), model.new_cache(pos + rows)
+        model.run_layers(h[:, :pos], 0, a) if pos else None
+        model.run_layers(h[:, :pos], 0, b) if pos else None
+        together = model.run_layers(h[:, pos:], pos, a)
+        alone = torch.cat([model.run_layers(h[:, pos + t:pos + t + 1], pos + t, b) for t in range(rows)], dim=1)
+    assert torch.equal(together, alone)
+    assert torch.equal(model.logits(together), model.logits(alone))
+
+
+def test_int8_is_close_to_float32_and_refuses_what_it_cannot_run():
+    model = random_llama(3, dtype=torch.float32, dim=64, ffn=128, n_heads=4, n_kv_heads=2)
+    x = torch.randn(5, 64)
+    ref = model.layers[0].feed_forward.w13(x)
+    q = Int8Linear(model.layers[0].feed_forward.w13.weight)(x)
+    assert (q - ref).norm() / ref.norm() < 0.02      # int8 weights, bfloat16 activations: about 1% error
+    with pytest.raises(InputError, match="multiple of 64"):
+        quantize_int8(random_llama(3, dtype=torch.float32, dim=32))
+    fake = SimpleNamespace(device=torch.device("cuda"))
+    with pytest.raises(InputError, match="CPU only"):
+        quantize_int8(fake)
+
+
+def test_real_model_int8_is_bitwise_greedy(real):
+    folder = real[0]
+    tok, eos = real[2], real[3]
+    model = load_model(folder, dtype=torch.int8)
+    heads = ExitHeads.load(DEFAULT_HEADS, model)                  # float32-trained heads fit the int8 model
+    for text in REAL_PROMPTS[:3]:
+        ids = tok.prompt_ids(text)
+        ada = assert_bitwise_equal_runs(model, lambda: generate_greedy(model, ids, 48, eos),
+                                        lambda: generate_ada(model, heads, ids, 48, eos, policy=Threshold(0.3)))
+        assert ada.stats.rollbacks >= 1 or ada.stats.accepted > 5
