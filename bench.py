@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from adadecode import (DEFAULT_HEADS, DTYPES, eos_ids, exit_policy, generate_ada, generate_greedy, generate_selfspec,
+from adadecode import (DEFAULT_HEADS, DTYPES, default_device, eos_ids, exit_policy,
+                       generate_ada, generate_greedy, generate_selfspec,
                        read_prompts, setup, sync)
-from model import InputError
+from model import InputError, precision
 from train_heads import CODE_REQUEST
 
 
@@ -244,10 +245,10 @@ def main(argv=None):
                     help="AdaDecode with the paper's rule, top-1 probability >= threshold: one value, or several for "
                          "a sweep (default: the exit policy tuned for the heads, stored in the heads file)")
     ap.add_argument("--max-pending", type=int, default=5)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", choices=DTYPES, nargs="+", default=["float32"],
-                    help="float32 by default; int8: weight-only int8 linear layers, CPU only (README, 'int8'). "
-                         "Several: each runs every method, interleaved, against its own greedy")
+    ap.add_argument("--device", default=default_device(), help="cuda when available, else cpu")
+    ap.add_argument("--dtype", choices=DTYPES, nargs="+",
+                    help="default: int8 on the CPU, float32 on a GPU (README, 'int8'). Several (--dtype float32 "
+                         "int8): each runs every method, interleaved, against its own greedy")
     ap.add_argument("--row-cost", action="store_true",
                     help="only measure the row-cost curve (1-8 rows per layer call, all layers) for this dtype and "
                          "device: a table in results.json and row_cost.png")
@@ -272,7 +273,8 @@ def main(argv=None):
             raise InputError(f"--threshold values must be in [0, 1], got {a.threshold}")
         if a.n < 1:
             raise InputError("--n must be at least 1")
-        dtypes = list(dict.fromkeys(a.dtype))
+        # the default: int8 on the CPU where the model allows it, else float32 (transformers' comparison: float32)
+        dtypes = list(dict.fromkeys(a.dtype or (["float32"] if a.compare_hf else ["default"])))
         if a.compare_hf and dtypes != ["float32"]:
             raise InputError("--compare-hf times transformers' float32 greedy; run it with --dtype float32 alone")
         if a.row_cost and len(dtypes) > 1:
@@ -282,8 +284,9 @@ def main(argv=None):
         if not heads_path and methods != ["greedy"]:
             raise InputError("--heads is needed for a model other than the default")
         engines = {}                  # dtype -> (model, heads, simulator's recorder)
-        for dt in dtypes:
-            model, tok, heads = setup(a.model, heads_path, a.device, getattr(torch, dt))
+        for i, dt in enumerate(dtypes):
+            model, tok, heads = setup(a.model, heads_path, a.device, None if dt == "default" else getattr(torch, dt))
+            dtypes[i] = dt = precision(model)
             if a.row_cost:
                 return row_cost_report(Path(a.out), model, heads, machine(a.device, dt))
             if a.compile:

@@ -127,8 +127,7 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         # normalise in at least float32 (bfloat16 loses too much in the mean of squares)
         xf = x.float() if x.element_size() < 4 else x
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * F.rms_norm(xf, xf.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 class Int8Linear(nn.Module):
@@ -168,18 +167,25 @@ def linear_rows(linear, ids):
     return sub
 
 
+def int8_unsupported(model):
+    """Why quantize_int8 cannot run this model here (a string), or None when it can."""
+    if model.device.type != "cpu":
+        return f"runs on the CPU only (this model is on {model.device}); use float32 on a GPU"
+    if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        return f"needs torch.ops.aten._weight_int8pack_mm, missing from torch {torch.__version__}"
+    widths = sorted({m.in_features for m in model.modules() if isinstance(m, nn.Linear)})
+    if any(k % 64 for k in widths):   # the kernel reads K in blocks; other widths crash it
+        return f"needs every linear layer's input width to be a multiple of 64; this model has {widths}"
+    return None
+
+
 def quantize_int8(model):
     """Replace every linear layer (q/k/v, o, gate/up, down, the LM head) by an Int8Linear,
     in place. The embedding stays float32 (a lookup reads one row). CPU only: the kernel's
     CUDA support differs between builds and is untested here."""
-    if model.device.type != "cpu":
-        raise InputError(f"--dtype int8 runs on the CPU only (this model is on {model.device}); use float32 on a GPU")
-    if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
-        raise InputError(f"--dtype int8 needs torch.ops.aten._weight_int8pack_mm, missing from torch {torch.__version__}")
-    widths = sorted({m.in_features for m in model.modules() if isinstance(m, nn.Linear)})
-    if any(k % 64 for k in widths):
-        raise InputError(f"--dtype int8 needs every linear layer's input width to be a multiple of 64 "
-                         f"(the kernel's blocking); this model has {widths}")
+    why = int8_unsupported(model)
+    if why:
+        raise InputError(f"--dtype int8: {why}")
     model.fingerprint = model_fingerprint(model)      # of the float weights: heads trained on them still fit
     for module in list(model.modules()):
         for name, child in module.named_children():
@@ -219,13 +225,11 @@ class Attention(nn.Module):
     def forward(self, x, pos, cache, layer, cos, sin):
         B, T, _ = x.shape
         H, H_kv, D = self.H, self.H_kv, self.D
-        q, k, v = self.wqkv(x).split([H * D, H_kv * D, H_kv * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)        # (B, H, T, D)
-        k = k.view(B, T, H_kv, D).transpose(1, 2)     # (B, H_kv, T, D)
-        v = v.view(B, T, H_kv, D).transpose(1, 2)     # (B, H_kv, T, D)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        k, v = cache.append(layer, pos, k, v)         # (B, H_kv, S, D), S = pos + T
+        qk, v = self.wqkv(x).split([(H + H_kv) * D, H_kv * D], dim=-1)
+        qk = qk.view(B, T, H + H_kv, D)
+        qk = qk * cos[:, None] + rotate_half(qk) * sin[:, None]     # rotary on q and k at once
+        q, k = qk.split([H, H_kv], dim=2)                          # (B, T, H, D), (B, T, H_kv, D)
+        k, v = cache.append(layer, pos, k.transpose(1, 2), v.view(B, T, H_kv, D).transpose(1, 2))  # (B, H_kv, S, D)
         # grouped-query attention without repeating KV heads: query head h reads KV head
         # h // G, so fold each group's G query heads into one KV head's rows
         G = H // H_kv
@@ -233,14 +237,14 @@ class Attention(nn.Module):
             # decoding: each row attends exactly as a one-row call would (the same kernel, on
             # the same keys, with the same strides), so a row's result never depends on which
             # other rows share the call (batch invariance), and no mask is needed
-            y = torch.stack([F.scaled_dot_product_attention(q[:, :, t].reshape(B, H_kv, G, D).contiguous(),
+            y = torch.stack([F.scaled_dot_product_attention(q[:, t].reshape(B, H_kv, G, D),
                                                             k[:, :, :pos + t + 1], v[:, :, :pos + t + 1])
                              for t in range(T)], dim=1)                       # (B, T, H_kv, G, D)
         else:
             # a long call (the prompt): one masked kernel, row t sees the cache and the rows up to itself
             t = torch.arange(T, device=x.device).repeat(G)
             mask = torch.arange(pos + T, device=x.device)[None, :] <= (pos + t)[:, None]  # (G*T, S)
-            y = F.scaled_dot_product_attention(q.reshape(B, H_kv, G * T, D), k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q.transpose(1, 2).reshape(B, H_kv, G * T, D), k, v, attn_mask=mask)
             y = y.view(B, H, T, D).transpose(1, 2)                          # (B, T, H, D)
         return self.wo(y.reshape(B, T, H * D))
 

@@ -415,6 +415,13 @@ def default_traces(split="held-out", n=400, max_new_tokens=128, heads_path=None)
                            max_new_tokens)
 
 
+def print_operating_point(op):
+    print("held-out operating point (the check as it runs, the policy's rule, on greedy's path):")
+    for l, r in op.items():
+        print(f"  head after layer {l}: agreement {r['agreement']:.3f}, coverage {r['coverage']:.3f}, "
+              f"precision {r['precision']:.3f}")
+
+
 def print_row(name, f):
     pred = f.get("predicted_speedup")
     print(f"{name:<34} {f['ideal_speedup']:6.3f}x  {'-' if pred is None else format(pred, '6.3f') + 'x':>8}  "
@@ -435,6 +442,9 @@ def main(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--max-pending", type=int, default=5)
     ap.add_argument("--exact", action="store_true", help="compute wrong-branch guesses with the model (slower)")
+    ap.add_argument("--dtype", choices=["int8", "float32"], default="int8",
+                    help="the model's dtype for the traces, the head checks and the cost model (default: int8, "
+                         "as adadecode.py and bench.py on the CPU)")
     ap.add_argument("--objective", choices=["ideal", "predicted"], default="ideal",
                     help="what --fit maximises: the ideal-hardware speedup, or the speedup predicted on this machine "
                          "by its measured row-cost model")
@@ -448,7 +458,7 @@ def main(argv=None):
         heads_path = a.heads or (DEFAULT_HEADS if not a.model else None)
         if not heads_path:
             raise InputError("--heads is needed for a model other than the default")
-        model, tok, heads = setup(a.model, heads_path, "cpu", torch.float32)
+        model, tok, heads = setup(a.model, heads_path, "cpu", getattr(torch, a.dtype))
         folder = Path(a.model) if a.model else prepare_default_model()
         if a.prompts:
             prompts = read_prompts(a.prompts)
@@ -476,6 +486,8 @@ def main(argv=None):
             print_row(f"margin >= {t}", run(Threshold(t, "margin")))
         if "policy" in heads.meta:
             print_row("the heads file's policy", run(from_spec(heads.meta["policy"], L)))
+            if not a.fit:
+                print_operating_point(operating_point(held_t, from_spec(heads.meta["policy"], L), rec.layers))
         print_row("oracle (exit iff the guess is right)", run("oracle"))
         cats = sorted({t.category for t in held_t})
         if len(cats) > 1 and "policy" in heads.meta:      # per category: the paper's rule and the heads' policy
@@ -493,10 +505,7 @@ def main(argv=None):
             print_row(f"fitted: logistic {th}", run(Logistic(w, _drop_none(th))))
             print_row("fitted, with the guard", run(policy))
             op = operating_point(held_t, policy, rec.layers)
-            print("held-out operating point (shortlist check, fitted rule, greedy's path):")
-            for l, r in op.items():
-                print(f"  head after layer {l}: agreement {r['agreement']:.3f}, coverage {r['coverage']:.3f}, "
-                      f"precision {r['precision']:.3f}")
+            print_operating_point(op)
             used = [l for l in rec.layers if th[l] is not None]      # heads the policy never checks leave the file
             if used and used != heads.layers:
                 kept = ExitHeads(model, used, heads.T[[heads.index[l] for l in used]])

@@ -3,6 +3,7 @@
     pytest -q test_model.py
 """
 import json
+import re
 
 import pytest
 import torch
@@ -165,12 +166,19 @@ def test_cli_errors_exit_nonzero(tmp_path, capsys):
     (tmp_path / "e.jsonl").write_text("")
     assert main(["--prompts", str(tmp_path / "e.jsonl")]) == 2
     assert "no prompts" in capsys.readouterr().err
+    for device, msg in (("gpu", "not a device name"), ("mps", "only cpu and cuda"),
+                        ("cuda" if not torch.cuda.is_available() else "cuda:99", "CUDA is not available|GPU")):
+        assert main(["--prompt", "hi", "--device", device]) == 2
+        assert re.search(msg, capsys.readouterr().err)
 
 
 def test_cli_json_greedy(real, capsys):
-    assert main(["--prompt", "What is 2+2?", "--max-new-tokens", "8", "--json"]) == 0
-    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    """The CLI decodes in float32 when asked, and by default in int8 on the CPU."""
     folder, model, tok, eos = real
-    assert row["prompt_tokens"] == tok.prompt_ids("What is 2+2?")
-    assert row["tokens"] == generate_greedy(model, row["prompt_tokens"], 8, eos).tokens
-    assert row["tokens_per_second"] > 0 and row["text"] == tok.decode(row["tokens"])
+    int8 = load_model(folder, dtype=torch.int8)
+    for flags, m in ((["--dtype", "float32"], model), ([], int8)):
+        assert main(["--prompt", "What is 2+2?", "--max-new-tokens", "8", "--json", "--device", "cpu", *flags]) == 0
+        row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert row["prompt_tokens"] == tok.prompt_ids("What is 2+2?")
+        assert row["tokens"] == generate_greedy(m, row["prompt_tokens"], 8, eos).tokens
+        assert row["tokens_per_second"] > 0 and row["text"] == tok.decode(row["tokens"])
