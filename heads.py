@@ -24,6 +24,7 @@ evaluation figures (JSON in the metadata).
     heads = ExitHeads.load("heads/smollm2-135m-instruct.safetensors", model)
 """
 import json
+import os
 from typing import NamedTuple
 
 import torch
@@ -125,7 +126,13 @@ class ExitHeads(nn.Module):
         tensors = {"T": self.T.detach().float().cpu().contiguous()}
         if self.shortlist is not None:
             tensors["shortlist"] = self.shortlist.cpu()
-        save_file(tensors, str(path), metadata=info)
+        tmp = f"{path}.tmp{os.getpid()}"              # written whole, then renamed: never half a file
+        try:
+            save_file(tensors, tmp, metadata=info)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
     @classmethod
     def load(cls, path, model):
@@ -135,15 +142,34 @@ class ExitHeads(nn.Module):
                 info, T = f.metadata() or {}, f.get_tensor("T")
                 shortlist = f.get_tensor("shortlist") if "shortlist" in f.keys() else None
         except FileNotFoundError:
-            raise InputError(f"{path}: no such heads file")
-        except Exception as e:
-            raise InputError(f"{path}: not a heads file ({e})")
+            raise InputError(f"{path}: no such heads file") from None
+        except Exception as e:   # safetensors raises its own error types
+            raise InputError(f"{path}: not a heads file ({str(e).splitlines()[0][:200]})") from None
         if "layers" not in info or "fingerprint" not in info:
             raise InputError(f"{path}: not a heads file (no layers or fingerprint in its metadata)")
         if info["fingerprint"] != model_fingerprint(model):
             raise InputError(f"{path}: these heads were trained for another model "
                              f"(fingerprint {info['fingerprint']}, this model's is {model_fingerprint(model)})")
-        heads = cls(model, json.loads(info["layers"]), T.to(model.device))
-        heads.meta = json.loads(info.get("meta", "{}"))
+        try:
+            layers, meta = json.loads(info["layers"]), json.loads(info.get("meta", "{}"))
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}: its metadata is not valid JSON ({e})") from None
+        if not isinstance(layers, list) or not isinstance(meta, dict):
+            raise InputError(f"{path}: its metadata has no list of layers or no meta object")
+        d = model.args.dim
+        if T.dim() != 3 or tuple(T.shape[1:]) != (d, d) or T.shape[0] != len(layers) or not T.is_floating_point():
+            raise InputError(f"{path}: {len(layers)} layers need transforms of shape ({len(layers)}, {d}, {d}), "
+                             f"the file has {tuple(T.shape)} {T.dtype}")
+        if not torch.isfinite(T).all():
+            raise InputError(f"{path}: its transforms hold NaN or infinite values")
+        if shortlist is not None and (shortlist.dim() != 1 or shortlist.dtype != torch.long or len(shortlist) < 1 or
+                                      shortlist.min() < 0 or shortlist.max() >= model.args.vocab_size):
+            raise InputError(f"{path}: the shortlist must be token ids in [0, {model.args.vocab_size}), "
+                             f"the file has {tuple(shortlist.shape)} {shortlist.dtype}")
+        heads = cls(model, layers, T.to(model.device))
+        heads.meta = meta
         heads.set_shortlist(shortlist)
+        if "policy" in meta:
+            from exits import from_spec
+            from_spec(meta["policy"], model.args.n_layers)       # a bad spec fails now, not mid-generation
         return heads.requires_grad_(False)

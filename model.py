@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,14 +59,28 @@ class ModelArgs:
     eos_ids: list = field(default_factory=list)
 
     def __post_init__(self):
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "max_seq_len"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise CheckpointError(f"config: {name} must be a positive integer, got {v!r}")
         if self.head_dim is None:
             self.head_dim = self.dim // self.n_heads
+        if not isinstance(self.head_dim, int) or self.head_dim < 2 or self.head_dim % 2:
+            raise CheckpointError(f"config: head_dim must be a positive even integer, got {self.head_dim!r}")
         if self.n_heads % self.n_kv_heads:
             raise CheckpointError(f"{self.n_heads} query heads do not group onto {self.n_kv_heads} KV heads")
+        for name in ("norm_eps", "rope_theta"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+                raise CheckpointError(f"config: {name} must be a positive number, got {v!r}")
+        if any(isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < self.vocab_size for e in self.eos_ids):
+            raise CheckpointError(f"config: eos_token_id {self.eos_ids} is not a token id below vocab_size {self.vocab_size}")
 
     @classmethod
     def from_hf(cls, cfg: dict):
         """Build from a Hugging Face config.json dict; refuse what this forward does not compute."""
+        if not isinstance(cfg, dict):
+            raise CheckpointError("config.json is not a JSON object")
         arch = cfg.get("architectures") or []
         if cfg.get("model_type") != "llama" and "LlamaForCausalLM" not in arch:
             raise CheckpointError(f"not a Llama-family checkpoint (model_type={cfg.get('model_type')!r}, architectures={arch})")
@@ -75,12 +90,27 @@ class ModelArgs:
         if cfg.get("hidden_act", "silu") != "silu":
             raise CheckpointError(f"hidden_act={cfg['hidden_act']!r} is not supported (Llama uses silu)")
         # transformers >= 5 writes rope settings as `rope_parameters`; older files use rope_theta/rope_scaling
-        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise CheckpointError(f"config: rope settings must be a JSON object, got {rope!r}")
+        rope = dict(rope)
         theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
         kind = rope.get("rope_type", rope.get("type", "default"))
         if kind not in ("default", "linear", "llama3"):
             raise CheckpointError(f"rope type {kind!r} is not supported (default, linear, llama3 are)")
         eos = cfg.get("eos_token_id")
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else eos
+        if not isinstance(eos, list):
+            raise CheckpointError(f"config: eos_token_id must be a token id or a list of them, got {eos!r}")
+        missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                               "intermediate_size") if k not in cfg]
+        if missing:
+            raise CheckpointError(f"config.json lacks {', '.join(missing)}")
+        if rope and kind != "default":
+            need = {"linear": ["factor"], "llama3": ["factor", "low_freq_factor", "high_freq_factor",
+                                                    "original_max_position_embeddings"]}[kind]
+            if any(not isinstance(rope.get(k), (int, float)) or rope[k] <= 0 for k in need):
+                raise CheckpointError(f"config: rope type {kind!r} needs positive {', '.join(need)}, got {rope}")
         return cls(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
                    n_kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
                    vocab_size=cfg["vocab_size"], ffn_dim=cfg["intermediate_size"],
@@ -88,7 +118,7 @@ class ModelArgs:
                    rope_scaling=None if kind == "default" else rope,
                    max_seq_len=cfg.get("max_position_embeddings", 2048),
                    tie_embeddings=cfg.get("tie_word_embeddings", False), head_dim=cfg.get("head_dim"),
-                   eos_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)))
+                   eos_ids=eos)
 
 
 def rope_inv_freq(args: ModelArgs):
@@ -339,20 +369,58 @@ def hf_name_map(args: ModelArgs):
     return m
 
 
+def read_json(path: Path):
+    """A JSON file's content, or a one-line CheckpointError naming the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise CheckpointError(f"{path}: {e.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def check_safetensors(path: Path):
+    """Raise CheckpointError unless `path` is a whole safetensors file: a header that parses,
+    tensors of known dtypes whose byte ranges fit, and the file exactly as long as the
+    header says (a truncated download or an interrupted copy fails here, not mid-run)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8 or n > 100_000_000:
+                raise ValueError("the header length is impossible")
+            header = json.loads(f.read(n))
+        end = max([t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"], default=0)
+        if 8 + n + end != size:
+            raise ValueError(f"{size} bytes, the header describes {8 + n + end}")
+    except OSError as e:
+        raise CheckpointError(f"{path}: {e.strerror}") from None
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a complete safetensors file ({e})") from None
+
+
 def read_safetensors(folder: Path):
     from safetensors.torch import load_file
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        meta = read_json(index)
+        wmap = meta.get("weight_map") if isinstance(meta, dict) else None
+        if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
+            raise CheckpointError(f"{index}: no weight_map of tensor names to shard files")
+        shards = sorted(set(wmap.values()))
     elif (folder / "model.safetensors").exists():
         shards = ["model.safetensors"]
     else:
         raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
     state = {}
     for s in shards:
-        if not (folder / s).exists():
+        if not (folder / s).is_file() or Path(s).name != s:
             raise CheckpointError(f"{folder}: shard {s} named in the index is missing")
-        state.update(load_file(str(folder / s)))
+        check_safetensors(folder / s)
+        try:
+            state.update(load_file(str(folder / s)))
+        except Exception as e:   # safetensors raises its own error types
+            raise CheckpointError(f"{folder / s}: cannot be read ({e})") from None
     return state
 
 
@@ -364,7 +432,7 @@ def load_model(folder, dtype=torch.float32, device="cpu"):
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder}: no config.json (is this a Hugging Face checkpoint folder?)")
-    args = ModelArgs.from_hf(json.loads((folder / "config.json").read_text()))
+    args = ModelArgs.from_hf(read_json(folder / "config.json"))
     hf = read_safetensors(folder)
     names = hf_name_map(args)
     wanted = {n for parts in names.values() for n in parts}
@@ -399,9 +467,14 @@ class Tokenizer:
         folder = Path(folder)
         if not (folder / "tokenizer.json").is_file():
             raise CheckpointError(f"{folder}: no tokenizer.json")
-        self.tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        try:
+            self.tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:   # the tokenizers library raises plain Exceptions
+            raise CheckpointError(f"{folder / 'tokenizer.json'}: not a tokenizer file ({str(e).splitlines()[0][:200]})") from None
         cfg_path = folder / "tokenizer_config.json"
-        self.config = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        self.config = read_json(cfg_path) if cfg_path.exists() else {}
+        if not isinstance(self.config, dict):
+            raise CheckpointError(f"{cfg_path}: not a JSON object")
         self.chat_template = self.config.get("chat_template")
 
     def encode(self, text, add_special_tokens=True):
@@ -423,12 +496,21 @@ class Tokenizer:
 
         def raise_exception(msg):
             raise CheckpointError(f"chat template: {msg}")
+        from jinja2 import TemplateError
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
         special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in self.config.items()
                    if k in ("bos_token", "eos_token", "pad_token", "unk_token")}
-        return env.from_string(self.chat_template).render(
-            messages=[{"role": "user", "content": user_text}], add_generation_prompt=True, **special)
+        template = self.chat_template
+        if isinstance(template, list):        # named templates: [{"name": "default", "template": ...}, ...]
+            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+        if not isinstance(template, str):
+            raise CheckpointError("tokenizer_config.json: chat_template is not a template string; use raw mode (--raw)")
+        try:
+            return env.from_string(template).render(
+                messages=[{"role": "user", "content": user_text}], add_generation_prompt=True, **special)
+        except TemplateError as e:
+            raise CheckpointError(f"tokenizer_config.json: the chat template fails ({e}); use raw mode (--raw)") from None
 
     def prompt_ids(self, text, raw=False):
         if raw:
@@ -448,20 +530,72 @@ def default_model_dir():
     return Path(os.environ.get("ADADECODE_HOME", Path.home() / ".cache" / "adadecode")) / "SmolLM2-135M-Instruct"
 
 
+def folder_is_whole(folder: Path):
+    """True when a converted folder has every file, and its weights file is as long as its
+    header says (a folder damaged by a crash or a full disk is converted again)."""
+    try:
+        for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+            read_json(folder / name)
+        check_safetensors(folder / "model.safetensors")
+    except CheckpointError:
+        return False
+    return True
+
+
 def prepare_default_model():
-    """The default model's folder, converted from its GGUF file on first use."""
+    """The default model's folder, converted from its GGUF file on first use. Safe to run
+    in several processes at once: one converts (under a lock, into a private temporary
+    folder renamed into place), the others wait and use its result."""
+    import fcntl
     folder = default_model_dir()
-    if not (folder / "model.safetensors").exists():
-        from gguf_to_hf import convert_smollm2
-        convert_smollm2(folder)
+    if folder_is_whole(folder):
+        return folder
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(folder.parent / f".{folder.name}.lock", "w")
+    except OSError as e:
+        raise InputError(f"cannot write the model cache {folder.parent} ({e.strerror}); "
+                         f"set ADADECODE_HOME to a writable folder") from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)              # released when the file closes
+        if not folder_is_whole(folder):               # another process may have finished it meanwhile
+            import shutil
+            from gguf_to_hf import convert_smollm2
+            if folder.exists():
+                print(f"{folder} is incomplete or damaged; converting it again", file=sys.stderr)
+                shutil.rmtree(folder)
+            convert_smollm2(folder)
     return folder
 
 
-if __name__ == "__main__":
+def run_cli(main):
+    """Run a command line's main() as a user expects: its exit code; bad input gets one line
+    and exit code 2; Ctrl-C one line and 130; a closed output pipe (`| head`) a quiet exit."""
+    try:
+        code = main()
+        sys.stdout.flush()
+        return code
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit
+        return 141
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     ap.add_argument("--prepare", action="store_true", help="convert the default model if needed; print its folder")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     if a.prepare:
         print(prepare_default_model())
     else:
         ap.print_help()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

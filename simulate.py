@@ -525,4 +525,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from model import run_cli
+    sys.exit(run_cli(main))

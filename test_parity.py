@@ -78,9 +78,10 @@ def test_ada_equals_greedy_random_heads(setup, seed, noise, threshold, max_pendi
     check_same_cache(ada.cache, greedy.cache)
     s = ada.stats
     assert s.accepted + s.rejected + s.discarded == sum(s.early_by_layer.values())
-    spec = generate_selfspec(model, heads, prompt, max_new, eos, draft_layer=layers[0], k=1 + seed % 5)
-    assert spec.tokens == greedy.tokens
-    check_same_cache(spec.cache, greedy.cache)
+    if layers[0] < model.args.n_layers:                      # a head at the last layer never drafts
+        spec = generate_selfspec(model, heads, prompt, max_new, eos, draft_layer=layers[0], k=1 + seed % 5)
+        assert spec.tokens == greedy.tokens
+        check_same_cache(spec.cache, greedy.cache)
 
 
 @given(setup=setups(), seed=st.integers(0, 10**6), max_pending=st.integers(1, 6), max_new=st.integers(1, 24),
@@ -94,8 +95,10 @@ def test_ada_equals_greedy_adversarial_heads(setup, seed, max_pending, max_new, 
     ada = generate_ada(model, heads, prompt, max_new, eos, threshold=0.9, max_pending=max_pending)
     assert ada.tokens == greedy.tokens
     check_same_cache(ada.cache, greedy.cache)
-    spec = generate_selfspec(model, heads, prompt, max_new, eos, draft_layer=layers[-1], k=max_pending)
-    assert spec.tokens == greedy.tokens
+    draft = [l for l in layers if l < model.args.n_layers]     # a head at the last layer never drafts
+    if draft:
+        spec = generate_selfspec(model, heads, prompt, max_new, eos, draft_layer=draft[-1], k=max_pending)
+        assert spec.tokens == greedy.tokens
 
 
 def identity_above(model, layer):

@@ -175,11 +175,18 @@ def response_cache(folder, max_new_tokens=128):
 def generate_responses(folder, prompt_ids, max_new_tokens, cache_file, batch_size=16):
     """The model's greedy responses, in batches through transformers (left-padded; this
     engine is batch-1 by design), appended to a JSON Lines cache so that a rerun resumes."""
-    done = {}
+    done, bad = {}, False
     if cache_file.exists():
         for line in cache_file.read_text().splitlines():
-            row = json.loads(line)
-            done[tuple(row["prompt_ids"])] = row["response_ids"]
+            try:
+                row = json.loads(line)
+                done[tuple(row["prompt_ids"])] = list(row["response_ids"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                bad = True                                  # a line cut short by an interrupted run
+        if bad:                                             # keep the whole lines; the rest is generated again
+            tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text("".join(json.dumps({"prompt_ids": list(p), "response_ids": r}) + "\n" for p, r in done.items()))
+            tmp.replace(cache_file)
     todo = [p for p in dict.fromkeys(map(tuple, prompt_ids)) if p not in done]
     if todo:
         from transformers import LlamaForCausalLM
@@ -199,6 +206,7 @@ def generate_responses(folder, prompt_ids, max_new_tokens, cache_file, batch_siz
                     resp = row[:row.index(eos) + 1] if eos in row else row
                     done[p] = resp
                     f.write(json.dumps({"prompt_ids": list(p), "response_ids": resp}) + "\n")
+                f.flush()
     return [done[tuple(p)] for p in prompt_ids]
 
 
@@ -318,6 +326,9 @@ def main(argv=None):
                 raise InputError(f"{flag} is out of range (see --help)")
         if Path(a.out).is_dir():   # checked before the long work, not after it
             raise InputError(f"--out {a.out} is a folder; give the heads file's path")
+        parent = next(p for p in Path(a.out).absolute().parents if p.exists())
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise InputError(f"--out {a.out}: {parent} is not writable (checked now, before training)")
         torch.manual_seed(a.seed)
         folder = Path(a.model) if a.model else prepare_default_model()
         model, tok = load_model(folder), Tokenizer(folder)
@@ -402,4 +413,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from model import run_cli
+    sys.exit(run_cli(main))

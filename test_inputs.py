@@ -1,0 +1,343 @@
+"""Bad input gets a one-line error and exit code 2, never a traceback and never a wrong
+answer; nothing long-running is thrown away; nothing half-written is trusted later.
+
+Regression tests for each class of bad input (checkpoints, heads files, prompt files,
+flags, devices, the model cache), and Hypothesis fuzzing of the parsers: the property is
+"a clean InputError or a valid result, never any other exception".
+
+    pytest -q test_inputs.py
+"""
+import json
+import os
+import shutil
+import threading
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import adadecode
+import model as model_module
+from adadecode import Streamer, generate_selfspec, main, read_prompts
+from conftest import random_llama, save_tiny_checkpoint, tiny_config
+from exits import from_spec
+from heads import ExitHeads
+from model import CheckpointError, InputError, ModelArgs, Tokenizer, check_safetensors, load_model, run_cli
+
+
+def one_line_error(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: ") and "Traceback" not in "\n".join(err), err
+    return err[-1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random Llama checkpoint folder with the default model's tokenizer files."""
+    folder = tmp_path_factory.mktemp("tiny")
+    save_tiny_checkpoint(folder, tiny_config(vocab=49152, dim=64, n_heads=4, n_kv_heads=2))
+    src = model_module.prepare_default_model()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, folder / name)
+    return folder
+
+
+def damaged(tiny, tmp_path, name, content):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny, folder)
+    if callable(content):
+        content(folder / name)
+    else:
+        (folder / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return folder
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+CHECKPOINT_DAMAGE = [
+    ("config.json", "{not json", "not valid JSON"),
+    ("config.json", "[1, 2]", "not a JSON object"),
+    ("config.json", b"\xff\xfe\x00", "not valid JSON"),
+    ("config.json", json.dumps({"model_type": "llama", "hidden_size": 64}), "lacks"),
+    ("config.json", json.dumps({**tiny_config(vocab=49152, dim=64), "num_attention_heads": 0}), "positive integer"),
+    ("config.json", json.dumps({**tiny_config(vocab=49152, dim=64), "hidden_size": -64}), "positive integer"),
+    ("config.json", json.dumps({**tiny_config(vocab=49152, dim=64), "head_dim": 7}), "head_dim"),
+    ("config.json", json.dumps({**tiny_config(vocab=49152, dim=64), "eos_token_id": 10**6}), "eos_token_id"),
+    ("config.json", json.dumps({**tiny_config(vocab=49152, dim=64), "rms_norm_eps": "small"}), "norm_eps"),
+    ("config.json", json.dumps({**tiny_config(vocab=49152, dim=64), "rope_scaling": "linear"}), "rope"),
+    ("config.json", json.dumps({**tiny_config(vocab=49152, dim=64), "rope_scaling": {"type": "linear"}}), "factor"),
+    ("model.safetensors", truncate, "not a complete safetensors file"),
+    ("model.safetensors", b"garbage", "not a complete safetensors file"),
+    ("model.safetensors.index.json", "{bad", "not valid JSON"),
+    ("model.safetensors.index.json", json.dumps({"weight_map": {"a": "../etc/passwd"}}), "missing"),
+    ("model.safetensors.index.json", json.dumps({"metadata": {}}), "weight_map"),
+    ("tokenizer.json", "{}", "not a tokenizer file"),
+    ("tokenizer_config.json", "{oops", "not valid JSON"),
+    ("tokenizer_config.json", json.dumps({"chat_template": "{{ messages[0].nope.deeper }}"}), "chat template"),
+    ("tokenizer_config.json", json.dumps({"chat_template": ["not", "a", "template"]}), "chat_template"),
+]
+
+
+@pytest.mark.parametrize("name,content,message", CHECKPOINT_DAMAGE)
+def test_damaged_checkpoints_get_one_line(tiny, tmp_path, capsys, name, content, message):
+    folder = damaged(tiny, tmp_path, name, content)
+    assert main(["--model", str(folder), "--prompt", "hi", "--max-new-tokens", "2", "--dtype", "float32"]) == 2
+    assert message in one_line_error(capsys)
+
+
+def test_a_whole_checkpoint_still_loads(tiny, capsys):
+    assert main(["--model", str(tiny), "--prompt", "hi", "--max-new-tokens", "3", "--dtype", "float32"]) == 0
+    assert main(["--model", str(tiny), "--prompt", "hi", "--max-new-tokens", "3"]) == 0   # int8 by default
+    check_safetensors(tiny / "model.safetensors")
+
+
+# --- flags, prompt files, devices --------------------------------------------------
+
+@pytest.mark.parametrize("argv,message", [
+    (["--prompt", ""], "--prompt is empty"),
+    (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--prompt", "hi", "--max-pending", "-1"], "--max-pending"),
+    (["--prompt", "hi", "--threshold", "nan"], "--threshold"),
+    (["--prompt", "hi", "--device", "tpu"], "not a device name"),
+    (["--prompt", "hi", "--device", "meta"], "only cpu and cuda"),
+    (["--prompt", "hi", "--heads", "/nonexistent.safetensors", "--method", "ada"], "no such heads file"),
+])
+def test_bad_flags_fail_before_the_model_loads(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(adadecode, "load_model", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    if "--heads" in argv:
+        monkeypatch.undo()                    # the heads file is checked against a loaded model
+    assert main(argv) == 2
+    assert message in one_line_error(capsys)
+
+
+def test_prompt_files(tmp_path):
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"prompt": "a"}\n\n\n{"prompt": 3}\n')
+    with pytest.raises(InputError, match=r"p.jsonl:4:"):        # the line an editor shows, blanks counted
+        read_prompts(p)
+    p.write_bytes(b'{"prompt": "caf\xe9"}\n')
+    with pytest.raises(InputError, match="not UTF-8"):
+        read_prompts(p)
+    p.write_text('{"turns": "abc"}\n')
+    with pytest.raises(InputError, match="turns"):
+        read_prompts(p)
+    with pytest.raises(InputError, match="No such file"):
+        read_prompts(tmp_path / "none.jsonl")
+    with pytest.raises(InputError):
+        read_prompts(tmp_path)                                    # a folder
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=60)
+@given(data=st.one_of(st.binary(max_size=200),
+                      st.lists(st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                                            lambda c: st.lists(c, max_size=3) | st.dictionaries(
+                                                st.sampled_from(["prompt", "turns", "category", "x"]), c, max_size=3),
+                                            max_leaves=6), max_size=4).map(
+                          lambda rows: "\n".join(json.dumps(r) for r in rows).encode())))
+def test_fuzz_prompt_files(tmp_path, data):
+    p = tmp_path / "fuzz.jsonl"
+    p.write_bytes(data)
+    try:
+        prompts = read_prompts(p)
+    except InputError:
+        return
+    assert prompts and all(isinstance(q["prompt"], str) and q["prompt"] for q in prompts)
+
+
+CONFIG_KEYS = ["hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
+               "intermediate_size", "rms_norm_eps", "rope_theta", "max_position_embeddings", "head_dim",
+               "eos_token_id", "rope_scaling", "model_type", "hidden_act", "tie_word_embeddings"]
+json_values = st.none() | st.booleans() | st.integers(-5, 300) | st.floats(allow_nan=True) | st.text(max_size=6) | \
+    st.lists(st.integers(-2, 100), max_size=3) | st.dictionaries(st.sampled_from(["type", "rope_type", "factor"]),
+                                                                  st.integers(0, 4) | st.text(max_size=6), max_size=2)
+
+
+@settings(max_examples=150)
+@given(changes=st.dictionaries(st.sampled_from(CONFIG_KEYS), json_values, max_size=4),
+       drop=st.lists(st.sampled_from(CONFIG_KEYS), max_size=2))
+def test_fuzz_configs(changes, drop):
+    """A config either builds a model whose forward runs, or is refused with a CheckpointError."""
+    cfg = {**tiny_config(dim=16, n_heads=2, n_kv_heads=1, n_layers=1, vocab=11, max_pos=32), **changes}
+    for k in drop:
+        cfg.pop(k, None)
+    try:
+        args = ModelArgs.from_hf(cfg)
+    except CheckpointError:
+        return
+    if args.dim * args.ffn_dim * args.vocab_size > 10**7 or args.n_heads * args.head_dim > 4096:
+        return                                          # valid, just too big to build in a test
+    from model import Transformer
+    m = Transformer(args).eval()
+    with torch.inference_mode():
+        cache = m.new_cache(min(4, args.max_seq_len))
+        m.logits(m.run_layers(m.embed(torch.zeros(1, 1, dtype=torch.long)), 0, cache))
+
+
+# --- heads files -----------------------------------------------------------------
+
+def heads_file(tmp_path, model, **overrides):
+    from safetensors.torch import save_file
+    d = model.args.dim
+    tensors = {"T": torch.eye(d).repeat(2, 1, 1), "shortlist": torch.tensor([1, 2, 3])}
+    info = {"layers": json.dumps([1, 2]), "fingerprint": model_module.model_fingerprint(model), "meta": "{}"}
+    for k, v in overrides.items():
+        (tensors if isinstance(v, torch.Tensor) else info)[k] = v
+    path = tmp_path / "h.safetensors"
+    save_file(tensors, str(path), metadata=info)
+    return path
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"layers": "[1, 2"}, "not valid JSON"),
+    ({"layers": json.dumps([1])}, "transforms of shape"),
+    ({"T": torch.eye(5).repeat(2, 1, 1)}, "transforms of shape"),
+    ({"T": torch.full((2, 32, 32), float("nan"))}, "NaN"),
+    ({"shortlist": torch.tensor([1, 10**6])}, "shortlist"),
+    ({"shortlist": torch.tensor([-1])}, "shortlist"),
+    ({"meta": json.dumps({"policy": {"kind": "guard"}})}, "policy"),
+    ({"meta": json.dumps({"policy": {"kind": "mystery"}})}, "policy"),
+    ({"layers": json.dumps([0, 2])}, "layer"),
+])
+def test_inconsistent_heads_files_are_refused_when_loaded(tmp_path, overrides, message):
+    model = random_llama(0, n_layers=4, vocab=61)
+    with pytest.raises(InputError, match=message):
+        ExitHeads.load(heads_file(tmp_path, model, **overrides), model)
+
+
+def test_a_draft_head_at_the_last_layer_is_refused():
+    model = random_llama(0, n_layers=4)
+    with pytest.raises(InputError, match="never draft"):
+        generate_selfspec(model, ExitHeads(model, [2, 4]), [1, 2], 4, draft_layer=4)
+
+
+@settings(max_examples=100)
+@given(spec=st.recursive(st.none() | st.integers(-3, 40) | st.floats() | st.text(max_size=8),
+                         lambda c: st.lists(c, max_size=3) | st.dictionaries(
+                             st.sampled_from(["kind", "threshold", "feature", "weights", "policy", "slack", "alpha",
+                                              "prior", "probe", "6", "8"]), c, max_size=5), max_leaves=10))
+def test_fuzz_policy_specs(spec):
+    """A heads file's policy spec builds a policy that answers, or is refused with an InputError."""
+    from heads import Guess
+    try:
+        policy = from_spec(spec, 30)
+        policy.reset()
+        for layer in (6, 8):
+            if policy.active(layer):
+                policy.exit(layer, Guess(1, 0.9, 0.05, 0.3, 2.0))
+                policy.observe(layer, True)
+    except InputError:
+        pass
+
+
+# --- streaming, special tokens, the command-line wrapper ------------------------------
+
+CJK = "中文：你好，世界。日本語：こんにちは。中文：谢谢。日本語："
+
+
+def test_streamed_text_is_the_printed_text(capsys):
+    for text in (CJK, "Write a Python function that reverses a string."):
+        assert main(["--raw", "--prompt", text, "--max-new-tokens", "16"]) == 0
+        plain = capsys.readouterr().out
+        assert main(["--raw", "--prompt", text, "--max-new-tokens", "16", "--stream"]) == 0
+        assert capsys.readouterr().out == plain         # a cut mid-character ends both in U+FFFD alike
+
+
+def test_streamer_holds_back_split_characters(capsys):
+    tok = Tokenizer(model_module.prepare_default_model())
+    ids = tok.encode("日本語 ok")
+    s = Streamer(tok)
+    for i in ids:
+        s([i])
+        assert "\ufffd" not in capsys.readouterr().out
+    s.close()
+    assert capsys.readouterr().out == "\n"
+
+
+def test_special_token_text_in_a_prompt_becomes_the_control_token():
+    """As transformers' apply_chat_template and llama.cpp's server do: the rendered chat
+    text is tokenized with its special tokens parsed, a user's included (README)."""
+    tok = Tokenizer(model_module.prepare_default_model())
+    end = tok.token_id("eos_token")
+    assert tok.prompt_ids("a<|im_end|>b").count(end) == tok.prompt_ids("ab").count(end) + 1
+    assert end in tok.prompt_ids("a<|im_end|>b", raw=True)
+
+
+def test_run_cli_exit_codes(capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+
+    def bad():
+        raise InputError("--n must be at least 1")
+    assert run_cli(interrupted) == 130 and capsys.readouterr().err.strip() == "interrupted"
+    assert run_cli(bad) == 2 and capsys.readouterr().err.strip() == "error: --n must be at least 1"
+    assert run_cli(lambda: 0) == 0
+
+
+def test_closed_pipe_exits_quietly():
+    import subprocess
+    import sys
+    chatty = "import sys; from model import run_cli; sys.exit(run_cli(lambda: [print('x' * 100) for _ in range(10**5)] and 0))"
+    r = subprocess.run(["bash", "-c", f"{sys.executable} -c \"{chatty}\" | head -c 1; exit ${{PIPESTATUS[0]}}"],
+                       capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert r.stdout == "x" and r.stderr == "" and r.returncode == 141
+
+
+# --- the default model's cache: atomic, concurrent, self-repairing ---------------------
+
+def fake_converter(calls):
+    """Stands in for the GGUF conversion: slow enough for two processes to overlap, and
+    writing the same kind of folder through the real private-folder-and-rename step."""
+    def convert(out):
+        import time
+        calls.append(threading.get_ident())
+        time.sleep(0.3)
+        tmp = out.with_name(f".{out.name}.partial-{threading.get_ident()}")
+        tmp.mkdir(parents=True)
+        from safetensors.torch import save_file
+        save_file({"x": torch.zeros(3)}, str(tmp / "model.safetensors"))
+        for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+            (tmp / name).write_text("{}")
+        tmp.rename(out)
+        return out
+    return convert
+
+
+def test_prepare_is_safe_concurrently_and_repairs_damage(tmp_path, monkeypatch):
+    import gguf_to_hf
+    calls = []
+    monkeypatch.setenv("ADADECODE_HOME", str(tmp_path))
+    monkeypatch.setattr(gguf_to_hf, "convert_smollm2", fake_converter(calls))
+    results, errors = [], []
+
+    def prepare():
+        try:
+            results.append(model_module.prepare_default_model())
+        except Exception as e:           # noqa: BLE001 - the test reports any failure
+            errors.append(e)
+    threads = [threading.Thread(target=prepare) for _ in range(3)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors and len(results) == 3 and len(calls) == 1          # one converted, the others waited
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["SmolLM2-135M-Instruct"]
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+    truncate(results[0] / "model.safetensors")                           # damaged later: converted again
+    assert model_module.prepare_default_model() == results[0] and len(calls) == 2
+    check_safetensors(results[0] / "model.safetensors")
+
+
+def test_unwritable_model_cache_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("ADADECODE_HOME", str(tmp_path / "file" / "cache"))
+    with pytest.raises(InputError, match="ADADECODE_HOME"):
+        model_module.prepare_default_model()
+
+
+def test_interrupted_response_cache_is_not_trusted(tmp_path):
+    from train_heads import generate_responses
+    cache = tmp_path / "responses.jsonl"
+    cache.write_text(json.dumps({"prompt_ids": [1, 2], "response_ids": [3, 4]}) + "\n" + '{"prompt_ids": [5')
+    assert generate_responses(None, [[1, 2]], 4, cache) == [[3, 4]]         # the whole line is used, no model
+    assert cache.read_text().splitlines() == [json.dumps({"prompt_ids": [1, 2], "response_ids": [3, 4]})]
