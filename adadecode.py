@@ -40,6 +40,8 @@ class Stats:
     layer_rows: int = 0            # layer-row computations (greedy: L per generated token)
     sequential_layers: int = 0     # layers on the critical path: each step's climb, to its exit or the top
     head_checks: int = 0
+    host_syncs: int = 0            # values brought to the host (on a GPU each one waits for the queue):
+                                   # one per argmax, one per head check (a Guess in one transfer)
     steps: int = 0                 # climbs: each new token's (or a flush's) pass up the stack
     verifications: int = 0         # times rows reached the top and were checked
     exit_layer_sum: int = 0        # summed over verified tokens, L for tokens from the full model
@@ -111,6 +113,7 @@ def generate_greedy(model, prompt, max_new_tokens, eos=(), on_token=None):
     stats = Stats(n_layers=L)
     t0 = time.perf_counter()
     out = [prefill(model, cache, prompt)]
+    stats.host_syncs += 1
     sync(device)
     t1 = time.perf_counter()
     while True:
@@ -122,6 +125,7 @@ def generate_greedy(model, prompt, max_new_tokens, eos=(), on_token=None):
         h = model.run_layers(model.embed(torch.tensor([out[-1:]], device=device)), len(prompt) + len(out) - 1, cache)
         stats.count_call(1, L)
         out.append(int(model.logits(h[:, -1]).argmax(-1)))
+        stats.host_syncs += 1
     sync(device)
     return GenerationResult(prompt, out, time.perf_counter() - t1, t1 - t0, stats, cache)
 
@@ -148,6 +152,7 @@ def generate_ada(model, heads, prompt, max_new_tokens, eos=(), threshold=0.75, m
     exit_layers = [l for l in heads.layers if l < L]   # at layer L the final head itself decides
     t0 = time.perf_counter()
     out = [prefill(model, cache, prompt)]             # generated tokens, the last ones maybe unverified
+    stats.host_syncs += 1
     sync(device)
     t1 = time.perf_counter()
     exit_layer = [L]                                  # the layer each token of `out` was decided at
@@ -180,6 +185,7 @@ def generate_ada(model, heads, prompt, max_new_tokens, eos=(), threshold=0.75, m
             if layer in exit_layers and can_exit and policy.active(layer):
                 guess = heads.check(layer, h[0, -1])        # only the newest row decides
                 stats.head_checks += 1
+                stats.host_syncs += 1
                 if policy.exit(layer, guess):               # exit: emit now, park every row here
                     deferred.append(Deferred(layer, h))
                     out.append(guess.token)
@@ -209,6 +215,7 @@ def verify(model, cache, h, n_prompt, out, exit_layer, stats, policy):
     first = cache.lengths[L - 1] - h.shape[1]                 # position of the first row
     preds = model.logits(h)[0].argmax(-1).tolist()            # (T,)
     stats.verifications += 1
+    stats.host_syncs += 1
     for r, pred in enumerate(preds):
         i = first + r + 1 - n_prompt                          # index in `out` of the token row r predicts
         if i == len(out):                                     # beyond the newest token: a new, verified token

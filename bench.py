@@ -112,6 +112,15 @@ def run_method(name, model, heads, ids, max_new, eos, threshold, max_pending, tr
     raise InputError(f"unknown method {name!r}")
 
 
+def operator_calls(generate):
+    """Operator calls (aten ops, nested ones included) per generated token in one run of
+    `generate`, counted by the profiler: on a GPU, about the kernel launches."""
+    from torch.profiler import profile
+    with profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        n = len(generate().tokens)
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) / max(n, 1)
+
+
 @torch.inference_mode()
 def warm_row_counts(model, max_rows):
     """One layer call on 1..max_rows rows, so no first-use cost lands in a timed prompt."""
@@ -151,7 +160,7 @@ def summarise(rows):
         s = Counter()
         for r in rs:
             for k in ("accepted", "rejected", "discarded", "verifications", "layer_rows", "layer_calls",
-                      "sequential_layers", "greedy_layer_rows", "head_checks", "sim_sequential_layers"):
+                      "sequential_layers", "greedy_layer_rows", "head_checks", "sim_sequential_layers", "host_syncs"):
                 s[k] += r["stats"].get(k, 0)
             for l, c in r["stats"].get("early_by_layer", {}).items():
                 s[f"early@{l}"] += c
@@ -170,6 +179,7 @@ def summarise(rows):
             "accepted_per_verification": s["accepted"] / max(s["verifications"], 1),
             "mean_rows_per_call": s["layer_rows"] / max(s["layer_calls"], 1),
             "median_prefill_seconds": statistics.median(r["prefill_seconds"] for r in rs),
+            "host_syncs_per_token": s["host_syncs"] / toks if label != "hf" else None,
         }
     return out
 
@@ -276,7 +286,8 @@ def main(argv=None):
     ap.add_argument("--row-cost", action="store_true",
                     help="only measure the row-cost curve (1-8 rows per layer call, all layers) for this dtype and "
                          "device: a table in results.json and row_cost.png")
-    ap.add_argument("--compile", action="store_true", help="torch.compile each transformer block (dynamic shapes)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the blocks' tensor code (Transformer.compile_blocks); compile time reported apart")
     ap.add_argument("--compare-hf", action="store_true", help="also time transformers' greedy generate")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="out/bench")
@@ -317,8 +328,7 @@ def main(argv=None):
             if a.row_cost:
                 return row_cost_report(Path(a.out), model, heads, machine(a.device, dt))
             if a.compile:
-                for i, blk in enumerate(model.layers):
-                    model.layers[i] = torch.compile(blk, dynamic=True)
+                model.compile_blocks()
             from simulate import Recorder
             engines[dt] = (model, heads, Recorder(model, heads) if heads is not None else None)
         eos = eos_ids(model, tok)
@@ -334,12 +344,17 @@ def main(argv=None):
         def label(dt, m, t):
             name = f"ada@{t}" if m == "ada" and t is not None else m
             return name if len(dtypes) == 1 else f"{name}/{dt}"
+        op_counts, t_warm = {}, time.perf_counter()
         for dt, m, t in runs:   # warm-up, untimed: every code path once, and every row count a layer call can have
             model, heads, _ = engines[dt]
             run_method(m, model, heads, ids[0], 16, eos, t, a.max_pending)
             warm_row_counts(model, a.max_pending + 1)
+            op_counts[label(dt, m, t)] = operator_calls(lambda: run_method(m, model, heads, ids[0], 32, eos, t,
+                                                                               a.max_pending))
         if hf is not None:
             hf_greedy(hf, ids[0], 16, a.device)
+        warm_up_seconds = time.perf_counter() - t_warm     # with --compile: mostly compiling, reported apart
+        print(f"warm-up{' (torch.compile included)' if a.compile else ''}: {warm_up_seconds:.1f} s", file=sys.stderr)
 
         rows, trace = [], None
         for i, (p, x) in enumerate(tqdm(list(zip(prompts, ids)), desc="benchmark", unit="prompt")):
@@ -365,6 +380,8 @@ def main(argv=None):
                                        {}, engines["float32"][0], x))
 
         summary = summarise(rows)
+        for k, v in op_counts.items():
+            summary[k]["operator_calls_per_token"] = v
         cats = sorted({r["category"] for r in rows})
         per_cat = {c: summarise([r for r in rows if r["category"] == c]) for c in cats} if len(cats) > 1 else {}
         mach = machine(a.device, ",".join(dtypes))
@@ -372,6 +389,9 @@ def main(argv=None):
         bw = read_bandwidth(a.device)
         print_table(summary, f"{len(prompts)} prompts x {a.max_new_tokens} new tokens, {mach['device']} {mach['dtype']}, "
                              f"{mach.get('gpu', mach['cpu'])}")
+        print("per generated token (prompt 0 for operator calls): " + "; ".join(
+            f"{k} {v['host_syncs_per_token']:.2f} host syncs, {v.get('operator_calls_per_token', 0):.0f} operator calls"
+            for k, v in summary.items() if v.get("host_syncs_per_token") is not None))
         for c, s in per_cat.items():
             print_table(s, f"category: {c}")
         floors = {}
@@ -399,7 +419,7 @@ def main(argv=None):
         model, heads, _ = engines[dtypes[0]]
         figs = plots(out, summary, trace, a.threshold or [], model.args.n_layers, heads.layers if heads else [])
         result = {"machine": mach, "args": vars(a), "summary": summary, "per_category": per_cat,
-                  "bandwidth_gb_s": bw, "per_dtype": floors, "dtype_agreement": agreement, "peak_memory_bytes": mem,
+                  "bandwidth_gb_s": bw, "warm_up_seconds": warm_up_seconds, "per_dtype": floors, "dtype_agreement": agreement, "peak_memory_bytes": mem,
                   "heads": heads.meta if heads else None, "rows": rows}
         (out / "results.json").write_text(json.dumps(result, indent=1))
         with open(out / "results.csv", "w", newline="") as f:

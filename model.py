@@ -22,6 +22,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MethodType
 
 import torch
 import torch.nn as nn
@@ -252,14 +253,21 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(args.dim, (self.H + 2 * self.H_kv) * self.D, bias=False)
         self.wo = nn.Linear(self.H * self.D, args.dim, bias=False)
 
-    def forward(self, x, pos, cache, layer, cos, sin):
+    def project(self, x, cos, sin):
+        """q (B, T, H, D), k and v (B, H_kv, T, D) for rows x (B, T, dim), rotary applied."""
         B, T, _ = x.shape
         H, H_kv, D = self.H, self.H_kv, self.D
         qk, v = self.wqkv(x).split([(H + H_kv) * D, H_kv * D], dim=-1)
         qk = qk.view(B, T, H + H_kv, D)
         qk = qk * cos[:, None] + rotate_half(qk) * sin[:, None]     # rotary on q and k at once
-        q, k = qk.split([H, H_kv], dim=2)                          # (B, T, H, D), (B, T, H_kv, D)
-        k, v = cache.append(layer, pos, k.transpose(1, 2), v.view(B, T, H_kv, D).transpose(1, 2))  # (B, H_kv, S, D)
+        q, k = qk.split([H, H_kv], dim=2)
+        return q, k.transpose(1, 2), v.view(B, T, H_kv, D).transpose(1, 2)
+
+    def attend(self, q, k, v, pos, cache, layer):
+        """Write k, v at positions pos.. of `layer`'s cache and attend: (B, T, H*D)."""
+        B, T, H, D = q.shape
+        H_kv = self.H_kv
+        k, v = cache.append(layer, pos, k, v)         # (B, H_kv, S, D), S = pos + T
         # grouped-query attention without repeating KV heads: query head h reads KV head
         # h // G, so fold each group's G query heads into one KV head's rows
         G = H // H_kv
@@ -272,11 +280,11 @@ class Attention(nn.Module):
                              for t in range(T)], dim=1)                       # (B, T, H_kv, G, D)
         else:
             # a long call (the prompt): one masked kernel, row t sees the cache and the rows up to itself
-            t = torch.arange(T, device=x.device).repeat(G)
-            mask = torch.arange(pos + T, device=x.device)[None, :] <= (pos + t)[:, None]  # (G*T, S)
+            t = torch.arange(T, device=q.device).repeat(G)
+            mask = torch.arange(pos + T, device=q.device)[None, :] <= (pos + t)[:, None]  # (G*T, S)
             y = F.scaled_dot_product_attention(q.transpose(1, 2).reshape(B, H_kv, G * T, D), k, v, attn_mask=mask)
             y = y.view(B, H, T, D).transpose(1, 2)                          # (B, T, H, D)
-        return self.wo(y.reshape(B, T, H * D))
+        return y.reshape(B, T, H * D)
 
 
 class FeedForward(nn.Module):
@@ -300,7 +308,16 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x, pos, cache, layer, cos, sin):
-        h = x + self.attention(self.attention_norm(x), pos, cache, layer, cos, sin)
+        q, k, v = self.before_attention(x, cos, sin)
+        y = self.attention.attend(q, k, v, pos, cache, layer)     # the cache's bookkeeping: plain Python
+        return self.after_attention(x, y)
+
+    # the two pure tensor parts of a block: what Transformer.compile_blocks compiles
+    def before_attention(self, x, cos, sin):
+        return self.attention.project(self.attention_norm(x), cos, sin)
+
+    def after_attention(self, x, y):
+        h = x + self.attention.wo(y)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -326,6 +343,17 @@ class Transformer(nn.Module):
         """The dtype of the residual stream and the cache (float32 for an int8 model)."""
         return self.norm.weight.dtype
 
+    def compile_blocks(self, **options):
+        """torch.compile every block's two pure tensor parts (norm, q/k/v, rotary; o, the
+        residuals, the MLP). The cache's bookkeeping and the row-by-row attention stay in
+        Python, so two graphs per part (one row; several, dynamic) serve every layer, and
+        after a warm-up decoding recompiles nothing (test_model.py counts)."""
+        before = torch.compile(TransformerBlock.before_attention, dynamic=True, **options)
+        after = torch.compile(TransformerBlock.after_attention, dynamic=True, **options)
+        for blk in self.layers:
+            blk.before_attention, blk.after_attention = MethodType(before, blk), MethodType(after, blk)
+        return self
+
     def new_cache(self, max_len):
         """A KV cache for `max_len` positions, and the rotary table to match."""
         if max_len > self.args.max_seq_len:
@@ -342,7 +370,8 @@ class Transformer(nn.Module):
     def run_layers(self, h, pos, cache, start=0, end=None):
         """Run layers start..end-1 on rows h (B, T, dim) that sit at positions pos..pos+T-1."""
         T = h.shape[1]
-        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]   # (T, D)
+        # (T, D) copies, not views: compiled code would specialise on where a view starts
+        cos, sin = self.rope_cos[pos:pos + T].clone(), self.rope_sin[pos:pos + T].clone()
         for i in range(start, self.args.n_layers if end is None else end):
             h = self.layers[i](h, pos, cache, i, cos, sin)
         return h

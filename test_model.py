@@ -182,3 +182,36 @@ def test_cli_json_greedy(real, capsys):
         assert row["prompt_tokens"] == tok.prompt_ids("What is 2+2?")
         assert row["tokens"] == generate_greedy(m, row["prompt_tokens"], 8, eos).tokens
         assert row["tokens_per_second"] > 0 and row["text"] == tok.decode(row["tokens"])
+
+
+# --- torch.compile: fair to every method -------------------------------------------
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_compiled_blocks_do_not_recompile_after_a_warm_up(int8):
+    """--compile compiles the same graphs for greedy (one row) and AdaDecode (several):
+    after one warm-up of each, decoding other prompts, lengths and row counts compiles
+    nothing more (dynamo's error_on_recompile), and the output is the eager output."""
+    import torch._dynamo
+    from adadecode import generate_ada
+    from exits import Threshold
+    from heads import ExitHeads
+    from model import quantize_int8
+    torch._dynamo.reset()
+    kw = dict(dim=64, ffn=128, n_heads=4, n_kv_heads=2, n_layers=4, vocab=61) if int8 else dict(n_layers=4)
+    eager = random_llama(5, dtype=torch.float32, **kw)
+    model = random_llama(5, dtype=torch.float32, **kw)
+    if int8:
+        eager, model = quantize_int8(eager), quantize_int8(model)
+    model.compile_blocks(backend="eager")          # dynamo's graphs and guards, without code generation
+    heads, eager_heads = ExitHeads(model, [1, 2, 3]), ExitHeads(eager, [1, 2, 3])
+    generate_greedy(model, [1, 2, 3], 6)
+    generate_ada(model, heads, [4, 5, 6, 7], 12, policy=Threshold(0.0), max_pending=5)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for prompt in ([9], [3, 1, 4, 1, 5, 9, 2, 6], list(range(20))):
+            g = generate_greedy(model, prompt, 16)
+            assert g.tokens == generate_greedy(eager, prompt, 16).tokens
+            for t, p in ((0.0, 5), (0.3, 2)):
+                a = generate_ada(model, heads, prompt, 16, policy=Threshold(t), max_pending=p)
+                assert a.tokens == g.tokens
+                assert a.tokens == generate_ada(eager, eager_heads, prompt, 16, policy=Threshold(t), max_pending=p).tokens
+    torch._dynamo.reset()
