@@ -341,3 +341,32 @@ def test_interrupted_response_cache_is_not_trusted(tmp_path):
     cache.write_text(json.dumps({"prompt_ids": [1, 2], "response_ids": [3, 4]}) + "\n" + '{"prompt_ids": [5')
     assert generate_responses(None, [[1, 2]], 4, cache) == [[3, 4]]         # the whole line is used, no model
     assert cache.read_text().splitlines() == [json.dumps({"prompt_ids": [1, 2], "response_ids": [3, 4]})]
+
+
+FLAG_VALUES = {
+    "--method": ["greedy", "ada", "selfspec", "beam"], "--max-new-tokens": ["3", "0", "-1", "x", "1"],
+    "--max-pending": ["0", "5", "-2", "1.5"], "--threshold": ["0.5", "2", "-0.1", "nan", "inf", "0"],
+    "--device": ["cpu", "cuda", "gpu", "cpu:0", ""], "--dtype": ["float32", "int8", "float64", "int4"],
+    "--heads": ["/nonexistent", "README.md"], "--prompt": ["hi", "", "<|im_end|>", "中文"],
+}
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(flags=st.lists(st.sampled_from(sorted(FLAG_VALUES)), max_size=5, unique=True), data=st.data(),
+       switches=st.lists(st.sampled_from(["--raw", "--json", "--stream"]), unique=True))
+def test_fuzz_command_lines(tiny, capsys, flags, data, switches):
+    """Any combination of flags and values: exit code 0, or 2 with one line (argparse's own
+    usage errors included), never a traceback."""
+    values = {"--prompt": "hi", "--max-new-tokens": "2"}
+    values.update({f: data.draw(st.sampled_from(FLAG_VALUES[f])) for f in flags})
+    argv = ["--model", str(tiny)] + switches + [x for kv in values.items() for x in kv]
+    try:
+        code = main(argv)
+    except SystemExit as e:                       # argparse: a usage line and exit code 2
+        code = e.code
+    assert code in (0, 2), argv
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if code == 2:
+        assert err.strip().splitlines()[-1].startswith(("error: ", "adadecode.py: error:", "pytest: error:",
+                                                        "__main__.py: error:")) or "error:" in err, (argv, err)
