@@ -29,7 +29,7 @@ from tqdm import tqdm
 from adadecode import (DEFAULT_HEADS, DTYPES, check_device, default_device, eos_ids, exit_policy,
                        generate_ada, generate_greedy, generate_selfspec,
                        read_prompts, setup, sync)
-from model import InputError, precision
+from model import InputError, precision, prepare_default_model, resolve_checkpoint
 from train_heads import CODE_REQUEST
 
 
@@ -343,8 +343,8 @@ def main(argv=None):
         ids = [tok.prompt_ids(p["prompt"], raw=a.raw) for p in prompts]
         hf = None
         if a.compare_hf:
-            from transformers import LlamaForCausalLM
-            hf = LlamaForCausalLM.from_pretrained(a.model or str(__import__("model").prepare_default_model()),
+            from transformers import AutoModelForCausalLM
+            hf = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(a.model) if a.model else prepare_default_model(),
                                                   dtype=torch.float32).to(a.device).eval()
 
         runs = [(dt, m, t) for dt in dtypes for m, t in [("greedy", None)] +

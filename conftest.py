@@ -21,8 +21,9 @@ def assert_close(a, b, atol=1e-6, rtol=1e-6, what="tensors"):
 
 
 def tiny_config(seed=0, n_layers=4, dim=32, n_heads=4, n_kv_heads=2, vocab=97, tie=False, rope_scaling=None,
-                rope_theta=10000.0, max_pos=256, ffn=None):
-    cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=dim, intermediate_size=ffn or 2 * dim + 8,
+                rope_theta=10000.0, max_pos=256, ffn=None, arch="llama"):
+    name = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[arch]
+    cfg = dict(architectures=[name], model_type=arch, hidden_size=dim, intermediate_size=ffn or 2 * dim + 8,
                num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
                vocab_size=vocab, rms_norm_eps=1e-5, rope_theta=rope_theta, max_position_embeddings=max_pos,
                tie_word_embeddings=tie, hidden_act="silu", bos_token_id=1, eos_token_id=2)
@@ -32,11 +33,13 @@ def tiny_config(seed=0, n_layers=4, dim=32, n_heads=4, n_kv_heads=2, vocab=97, t
 
 
 def save_tiny_checkpoint(folder, cfg, seed=0, scale=1.0):
-    """A random Hugging Face LlamaForCausalLM saved as a checkpoint folder. `scale` widens the
-    random weights so that tiny models make confident, varied predictions."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A random Hugging Face LlamaForCausalLM or Qwen2ForCausalLM saved as a checkpoint folder.
+    `scale` widens the random weights so that tiny models make confident, varied predictions."""
+    import transformers
     torch.manual_seed(seed)
-    hf = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")}))
+    prefix = {"llama": "Llama", "qwen2": "Qwen2"}[cfg["model_type"]]
+    config = getattr(transformers, prefix + "Config")(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")})
+    hf = getattr(transformers, prefix + "ForCausalLM")(config)
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if "norm" in name:

@@ -1,6 +1,7 @@
 """
 A hand-written Llama forward in plain PyTorch, and the loader for Hugging Face
-Llama-family checkpoint folders (config.json, safetensors, tokenizer.json).
+Llama-family and Qwen2 checkpoint folders (config.json, safetensors, tokenizer.json).
+Qwen2 is the Llama forward with biases on the q, k and v projections.
 
 The forward is composable, because AdaDecode needs to stop a token half-way up the
 stack and finish it later, batched with other tokens:
@@ -19,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +45,13 @@ class CheckpointError(InputError):
     """A checkpoint folder we cannot use; the message names the problem."""
 
 
+# what a few other architectures add, for the one-line refusal
+UNSUPPORTED = {"qwen3": "Qwen3's q/k norms", "qwen2_moe": "Qwen2-MoE's expert layers",
+               "qwen3_moe": "Qwen3-MoE's q/k norms and expert layers", "mistral": "Mistral's sliding window",
+               "gemma": "Gemma's norms and activation", "gemma2": "Gemma 2's norms and soft-capping",
+               "phi3": "Phi-3's fused projections and rope scaling", "gpt2": "GPT-2's layer norms and learned positions"}
+
+
 @dataclass
 class ModelArgs:
     dim: int
@@ -58,6 +67,7 @@ class ModelArgs:
     tie_embeddings: bool = False
     head_dim: int | None = None
     eos_ids: list = field(default_factory=list)
+    qkv_bias: bool = False         # Qwen2: biases on the q, k and v projections
 
     def __post_init__(self):
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "max_seq_len"):
@@ -83,11 +93,19 @@ class ModelArgs:
         if not isinstance(cfg, dict):
             raise CheckpointError("config.json is not a JSON object")
         arch = cfg.get("architectures") or []
-        if cfg.get("model_type") != "llama" and "LlamaForCausalLM" not in arch:
-            raise CheckpointError(f"not a Llama-family checkpoint (model_type={cfg.get('model_type')!r}, architectures={arch})")
+        model_type = cfg.get("model_type")
+        if model_type not in ("llama", "qwen2") and not {"LlamaForCausalLM", "Qwen2ForCausalLM"} & set(map(str, arch)):
+            missing = UNSUPPORTED.get(model_type, "its architecture") if isinstance(model_type, str) else "its architecture"
+            raise CheckpointError(f"{model_type or arch} checkpoints are not supported: this forward computes Llama and "
+                                  f"Qwen2, not {missing}")
+        qwen2 = model_type == "qwen2" or "Qwen2ForCausalLM" in arch
         for flag in ("attention_bias", "mlp_bias"):
             if cfg.get(flag):
                 raise CheckpointError(f"{flag}=true is not supported by this Llama forward")
+        if qwen2 and cfg.get("use_sliding_window") and \
+                (cfg.get("sliding_window") or 0) < cfg.get("max_position_embeddings", 2048):
+            raise CheckpointError(f"use_sliding_window=true with a window of {cfg.get('sliding_window')} tokens, "
+                                  f"shorter than the context: sliding-window attention is not computed here")
         if cfg.get("hidden_act", "silu") != "silu":
             raise CheckpointError(f"hidden_act={cfg['hidden_act']!r} is not supported (Llama uses silu)")
         # transformers >= 5 writes rope settings as `rope_parameters`; older files use rope_theta/rope_scaling
@@ -117,7 +135,7 @@ class ModelArgs:
                    vocab_size=cfg["vocab_size"], ffn_dim=cfg["intermediate_size"],
                    norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=theta,
                    rope_scaling=None if kind == "default" else rope,
-                   max_seq_len=cfg.get("max_position_embeddings", 2048),
+                   max_seq_len=cfg.get("max_position_embeddings", 2048), qkv_bias=qwen2,
                    tie_embeddings=cfg.get("tie_word_embeddings", False), head_dim=cfg.get("head_dim"),
                    eos_ids=eos)
 
@@ -169,23 +187,24 @@ class Int8Linear(nn.Module):
     float32's bytes, and its result for a row is bit-identical whatever the number of
     rows in the call, which float32's F.linear does not promise."""
 
-    def __init__(self, weight):
+    def __init__(self, weight, bias=None):
         super().__init__()
         w = weight.detach().float()
         scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-30).to(torch.bfloat16)   # the kernel's scale dtype
         self.register_buffer("wq", (w / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8))
         self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if bias is None else bias.detach().float())   # added in float32
 
     def forward(self, x):
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), self.wq, self.scale)
-        return y.view(*x.shape[:-1], -1).to(x.dtype)
+        y = y.view(*x.shape[:-1], -1).to(x.dtype)
+        return y if self.bias is None else y + self.bias
 
     def rows(self, ids):
         """The same layer restricted to output rows `ids` (an exit head's shortlist)."""
-        sub = Int8Linear.__new__(Int8Linear)
-        nn.Module.__init__(sub)
-        sub.register_buffer("wq", self.wq[ids].contiguous())
-        sub.register_buffer("scale", self.scale[ids].contiguous())
+        sub = Int8Linear(torch.zeros(1, self.wq.shape[1]))
+        sub.wq, sub.scale = self.wq[ids].contiguous(), self.scale[ids].contiguous()
+        sub.bias = None if self.bias is None else self.bias[ids].contiguous()
         return sub
 
 
@@ -193,8 +212,10 @@ def linear_rows(linear, ids):
     """A linear layer (nn.Linear or Int8Linear) restricted to output rows `ids`."""
     if isinstance(linear, Int8Linear):
         return linear.rows(ids)
-    sub = nn.Linear(linear.in_features, len(ids), bias=False, device="meta")
+    sub = nn.Linear(linear.in_features, len(ids), bias=linear.bias is not None, device="meta")
     sub.weight = nn.Parameter(linear.weight[ids].contiguous(), requires_grad=False)
+    if linear.bias is not None:
+        sub.bias = nn.Parameter(linear.bias[ids].contiguous(), requires_grad=False)
     return sub
 
 
@@ -221,7 +242,7 @@ def quantize_int8(model):
     for module in list(model.modules()):
         for name, child in module.named_children():
             if isinstance(child, nn.Linear):
-                setattr(module, name, Int8Linear(child.weight))
+                setattr(module, name, Int8Linear(child.weight, child.bias))
     return model
 
 
@@ -250,7 +271,7 @@ class Attention(nn.Module):
         super().__init__()
         self.H, self.H_kv, self.D = args.n_heads, args.n_kv_heads, args.head_dim
         # q, k and v projections fused into one matmul: one weight read, one call
-        self.wqkv = nn.Linear(args.dim, (self.H + 2 * self.H_kv) * self.D, bias=False)
+        self.wqkv = nn.Linear(args.dim, (self.H + 2 * self.H_kv) * self.D, bias=args.qkv_bias)
         self.wo = nn.Linear(self.H * self.D, args.dim, bias=False)
 
     def project(self, x, cos, sin):
@@ -390,6 +411,8 @@ def hf_name_map(args: ModelArgs):
     for i in range(args.n_layers):
         p, ours = f"model.layers.{i}.", f"layers.{i}."
         m[ours + "attention.wqkv.weight"] = [p + f"self_attn.{x}_proj.weight" for x in "qkv"]
+        if args.qkv_bias:
+            m[ours + "attention.wqkv.bias"] = [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
         m[ours + "attention.wo.weight"] = [p + "self_attn.o_proj.weight"]
         m[ours + "feed_forward.w13.weight"] = [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
         m[ours + "feed_forward.w2.weight"] = [p + "mlp.down_proj.weight"]
@@ -453,12 +476,40 @@ def read_safetensors(folder: Path):
     return state
 
 
+CHECKPOINT_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
+                    "tokenizer_config.json", "generation_config.json"]
+
+
+def resolve_checkpoint(name):
+    """The folder for --model NAME: a local folder as given, or a Hugging Face hub id
+    (org/name) resolved through huggingface_hub into its usual cache (config, safetensors
+    and tokenizer files only), downloaded when missing and the network allows."""
+    path = Path(name)
+    if path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(name)):
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    what = f"--model {name}: no such folder, and as a hub id"
+    try:
+        return Path(snapshot_download(name, allow_patterns=CHECKPOINT_FILES))
+    except GatedRepoError:
+        raise InputError(f"{what} it is gated: accept its licence on huggingface.co, log in (`hf auth login`), "
+                         f"or pass a downloaded folder") from None
+    except RepositoryNotFoundError:
+        raise InputError(f"{what} it does not exist or is private (log in: `hf auth login`); or pass a folder") from None
+    except LocalEntryNotFoundError:
+        raise InputError(f"{what} it is not in the local hub cache and the hub cannot be reached; download it "
+                         f"first (`hf download {name}`) or pass a folder") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise InputError(f"{what} the download failed ({str(e).splitlines()[0][:200]}); or pass a folder") from None
+
+
 def load_model(folder, dtype=torch.float32, device="cpu"):
-    """Load a Hugging Face Llama-family folder into a Transformer (eval mode, no grads).
+    """Load a Hugging Face Llama-family or Qwen2 folder into a Transformer (eval mode, no grads).
     dtype torch.int8 loads float32 and quantises every linear layer (Int8Linear)."""
     if dtype == torch.int8:
         return quantize_int8(load_model(folder, torch.float32, device))
-    folder = Path(folder)
+    folder = resolve_checkpoint(folder)
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder}: no config.json (is this a Hugging Face checkpoint folder?)")
     args = ModelArgs.from_hf(read_json(folder / "config.json"))
@@ -469,7 +520,7 @@ def load_model(folder, dtype=torch.float32, device="cpu"):
     missing = sorted(wanted - hf.keys())
     extra = sorted(k for k in hf.keys() - wanted - ignorable if not k.endswith("rotary_emb.inv_freq"))
     if missing or extra:
-        raise CheckpointError(f"{folder}: weights do not match a Llama of this config: "
+        raise CheckpointError(f"{folder}: weights do not match a model of this config: "
                               f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
                               f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
     with torch.device("meta"):
@@ -493,7 +544,7 @@ class Tokenizer:
 
     def __init__(self, folder):
         from tokenizers import Tokenizer as HFTokenizer
-        folder = Path(folder)
+        folder = resolve_checkpoint(folder)
         if not (folder / "tokenizer.json").is_file():
             raise CheckpointError(f"{folder}: no tokenizer.json")
         try:

@@ -34,7 +34,7 @@ import torch
 from exits import FEATURES, Guard, Logistic, Threshold
 from heads import ExitHeads, Guess
 from kvcache import KVCache
-from model import ROW_BY_ROW, InputError, precision
+from model import ROW_BY_ROW, InputError, precision, resolve_checkpoint
 
 
 @dataclass
@@ -459,7 +459,7 @@ def main(argv=None):
         if not heads_path:
             raise InputError("--heads is needed for a model other than the default")
         model, tok, heads = setup(a.model, heads_path, "cpu", getattr(torch, a.dtype))
-        folder = Path(a.model) if a.model else prepare_default_model()
+        folder = resolve_checkpoint(a.model) if a.model else prepare_default_model()
         if a.prompts:
             prompts = read_prompts(a.prompts)
             train, held = [], prompts

@@ -370,3 +370,42 @@ def test_fuzz_command_lines(tiny, capsys, flags, data, switches):
     if code == 2:
         assert err.strip().splitlines()[-1].startswith(("error: ", "adadecode.py: error:", "pytest: error:",
                                                         "__main__.py: error:")) or "error:" in err, (argv, err)
+
+
+# --- Hugging Face hub ids, without network ------------------------------------------
+
+def hub_cache(tmp_path, tiny, repo="org/tiny"):
+    """A prepared local hub cache holding `repo` (the layout huggingface_hub writes)."""
+    root = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
+    snap = root / "snapshots" / ("a" * 40)
+    shutil.copytree(tiny, snap)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text("a" * 40)
+    return tmp_path / "hub"
+
+
+def test_hub_ids_resolve_through_the_local_cache(tiny, tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants as hub
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(hub_cache(tmp_path, tiny)))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)            # no network: the cache or a clear error
+    assert main(["--model", "org/tiny", "--prompt", "hi", "--max-new-tokens", "3", "--dtype", "float32"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main(["--model", "org/absent", "--prompt", "hi"]) == 2
+    assert "not in the local hub cache" in one_line_error(capsys)
+    assert main(["--model", "not/a/hub/id", "--prompt", "hi"]) == 2
+    assert "no config.json" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("error,message", [("GatedRepoError", "gated"), ("RepositoryNotFoundError", "does not exist")])
+def test_gated_and_missing_hub_models_get_one_line(monkeypatch, capsys, error, message):
+    import huggingface_hub
+    import huggingface_hub.errors as errors
+    cls = getattr(errors, error)
+
+    def refuse(*a, **k):
+        e = cls.__new__(cls)
+        Exception.__init__(e, "401")
+        raise e
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+    assert main(["--model", "meta-llama/Llama-3.1-8B-Instruct", "--prompt", "hi"]) == 2
+    assert message in one_line_error(capsys)

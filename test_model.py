@@ -21,6 +21,8 @@ CONFIGS = [  # (name, tiny_config kwargs): GQA ratios, rope variants, tied and u
     ("gqa2-tied", dict(n_heads=4, n_kv_heads=2, tie=True)),
     ("mqa-llama3-rope", dict(n_heads=6, n_kv_heads=1, dim=48, rope_scaling=LLAMA3_ROPE, rope_theta=500000.0)),
     ("gqa3-linear-rope", dict(n_heads=6, n_kv_heads=2, dim=48, rope_scaling={"type": "linear", "factor": 2.0})),
+    ("qwen2-gqa-untied", dict(arch="qwen2", n_heads=4, n_kv_heads=2, rope_theta=1e6)),
+    ("qwen2-tied", dict(arch="qwen2", n_heads=6, n_kv_heads=2, dim=48, tie=True)),
 ]
 
 
@@ -128,7 +130,7 @@ def test_loader_errors(tmp_path):
     with pytest.raises(CheckpointError, match="no config.json"):
         load_model(tmp_path / "nowhere")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(CheckpointError, match="not a Llama-family"):
+    with pytest.raises(CheckpointError, match="gpt2 checkpoints are not supported"):
         load_model(tmp_path)
     cfg = tiny_config()
     save_tiny_checkpoint(tmp_path / "a", cfg)
@@ -138,6 +140,14 @@ def test_loader_errors(tmp_path):
     (tmp_path / "a" / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 5}))
     with pytest.raises(CheckpointError, match="missing"):
         load_model(tmp_path / "a")
+    for changes, message in (({"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}, "q/k norms"),
+                             ({"model_type": "qwen2_moe", "architectures": []}, "expert layers"),
+                             ({**tiny_config(arch="qwen2"), "use_sliding_window": True, "sliding_window": 64},
+                              "sliding")):
+        (tmp_path / "a" / "config.json").write_text(json.dumps({**cfg, **changes}))
+        with pytest.raises(CheckpointError, match=message):
+            load_model(tmp_path / "a")
+    (tmp_path / "a" / "config.json").write_text(json.dumps(cfg))
     (tmp_path / "a" / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         load_model(tmp_path / "a")

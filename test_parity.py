@@ -59,7 +59,8 @@ def setups(draw):
                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8}]))
     model = random_llama(draw(st.integers(0, 10**6)), n_layers=n_layers, n_heads=n_kv * group, n_kv_heads=n_kv,
                          dim=n_kv * group * head_dim, vocab=draw(st.sampled_from([5, 11, 61])),
-                         rope_scaling=rope, rope_theta=draw(st.sampled_from([100.0, 10000.0])), max_pos=64)
+                         rope_scaling=rope, rope_theta=draw(st.sampled_from([100.0, 10000.0])), max_pos=64,
+                         arch=draw(st.sampled_from(["llama", "qwen2"])))
     layers = sorted(draw(st.sets(st.integers(1, n_layers), min_size=1, max_size=n_layers)))
     prompt = draw(st.lists(st.integers(0, model.args.vocab_size - 1), min_size=1, max_size=10))
     return model, layers, prompt
@@ -188,10 +189,10 @@ def test_real_model_parity_with_shipped_heads(real):
 # The int8 forward is batch-invariant: a row's result does not depend on how many rows
 # share its layer call. So AdaDecode's rows, deferred and batched, are bitwise greedy's.
 
-def int8_llama(seed, n_layers, shape, ffn, vocab, max_pos=256):
+def int8_llama(seed, n_layers, shape, ffn, vocab, max_pos=256, arch="llama"):
     n_kv, group, head_dim = shape
     model = random_llama(seed, dtype=torch.float32, n_layers=n_layers, n_heads=n_kv * group, n_kv_heads=n_kv,
-                         dim=n_kv * group * head_dim, ffn=ffn, vocab=vocab, max_pos=max_pos)
+                         dim=n_kv * group * head_dim, ffn=ffn, vocab=vocab, max_pos=max_pos, arch=arch)
     return quantize_int8(model)
 
 
@@ -222,7 +223,7 @@ def int8_setups(draw):
     n_layers = draw(st.integers(2, 5))
     shape = draw(st.sampled_from([(1, 1, 64), (1, 2, 32), (2, 2, 16), (1, 4, 16), (2, 1, 32), (4, 1, 16)]))
     model = int8_llama(draw(st.integers(0, 10**6)), n_layers, shape, draw(st.sampled_from([64, 128, 192])),
-                       draw(st.sampled_from([5, 11, 61])), max_pos=1024)
+                       draw(st.sampled_from([5, 11, 61])), max_pos=1024, arch=draw(st.sampled_from(["llama", "qwen2"])))
     layers = sorted(draw(st.sets(st.integers(1, n_layers), min_size=1, max_size=n_layers)))
     n = draw(st.one_of(st.integers(1, 24), st.integers(250, 700)))   # long ones: attention splits its keys
     rnd = random.Random(draw(st.integers(0, 10**6)))

@@ -33,7 +33,8 @@ from tqdm import tqdm
 
 from adadecode import read_prompts
 from heads import ExitHeads
-from model import InputError, Tokenizer, default_model_dir, eos_ids, load_model, prepare_default_model
+from model import (InputError, Tokenizer, default_model_dir, eos_ids, load_model, prepare_default_model,
+                   resolve_checkpoint)
 
 CODE_REQUEST = "Complete the following Python function.\n\n```python\n{code}```"
 STDLIB_MODULES = ["string", "textwrap", "json", "posixpath", "shutil", "glob", "fnmatch", "heapq", "bisect",
@@ -189,8 +190,8 @@ def generate_responses(folder, prompt_ids, max_new_tokens, cache_file, batch_siz
             tmp.replace(cache_file)
     todo = [p for p in dict.fromkeys(map(tuple, prompt_ids)) if p not in done]
     if todo:
-        from transformers import LlamaForCausalLM
-        hf = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        from transformers import AutoModelForCausalLM
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         cfg = hf.generation_config
         eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, int) else cfg.eos_token_id[0]
         todo.sort(key=len)                                  # similar lengths batch with little padding
@@ -299,7 +300,9 @@ def calibration_plot(points, path, bins=10):
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Train AdaDecode exit heads (KL to the frozen model's final layer).")
     ap.add_argument("--model", help="Hugging Face Llama-family folder (default: SmolLM2-135M-Instruct)")
-    ap.add_argument("--layers", type=int, nargs="+", default=[8, 15, 22], help="head after each of these layers")
+    ap.add_argument("--layers", type=int, nargs="+",
+                    help="head after each of these layers (default: about 1/4, 1/2 and 3/4 of the depth; 8 15 22 "
+                         "for SmolLM2's 30 layers)")
     ap.add_argument("--prompts", help="JSON Lines prompt file (default: stdlib 'complete this function' requests)")
     ap.add_argument("--raw", action="store_true", help="no chat template around the prompts")
     ap.add_argument("--n", type=int, default=400, help="number of prompts (train + held-out)")
@@ -330,8 +333,10 @@ def main(argv=None):
         if not os.access(parent, os.W_OK | os.X_OK):
             raise InputError(f"--out {a.out}: {parent} is not writable (checked now, before training)")
         torch.manual_seed(a.seed)
-        folder = Path(a.model) if a.model else prepare_default_model()
+        folder = resolve_checkpoint(a.model) if a.model else prepare_default_model()
         model, tok = load_model(folder), Tokenizer(folder)
+        L = model.args.n_layers
+        a.layers = a.layers or sorted({max(1, round(L * f)) for f in (0.25, 0.5, 0.75)})
         heads = ExitHeads(model, a.layers)
         if a.prompts:
             prompts, source = read_prompts(a.prompts), f"prompt file {Path(a.prompts).name}"
@@ -400,7 +405,7 @@ def main(argv=None):
                                   "max_new_tokens": a.max_new_tokens, "epochs": a.epochs, "lr": a.lr,
                                   "batch": a.batch, "seed": a.seed, "shortlist": a.shortlist, "ce": a.ce,
                                   "sources": a.sources and not a.prompts, "kept_epoch": best[2],
-                                  "domains": a.domains, "layers": a.layers,
+                                  "domains": a.domains, "layers": a.layers, "model": a.model or "SmolLM2-135M-Instruct",
                                   "command": " ".join(sys.argv)},
                    evaluation={"heldout_prompts": len(held), "heldout_positions": len(ho_final),
                                "trained": {str(k): v for k, v in table.items()},
