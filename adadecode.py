@@ -376,8 +376,9 @@ class Streamer:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Greedy, AdaDecode and self-speculative decoding of a Llama model.")
-    ap.add_argument("--model", help="Hugging Face Llama-family folder (default: SmolLM2-135M-Instruct, prepared offline)")
+    ap = argparse.ArgumentParser(description="Greedy, AdaDecode and self-speculative decoding of a Llama or Qwen2 model.")
+    ap.add_argument("--model", help="a Llama-family or Qwen2 checkpoint folder, or a hub id (org/name) "
+                    "(default: SmolLM2-135M-Instruct, prepared offline)")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt")
     src.add_argument("--prompts", help="JSON Lines file: {\"prompt\": ...} or {\"turns\": [...]} per line")

@@ -276,7 +276,8 @@ def schedule_plot(path, trace, n_layers, heads_layers, max_steps=28):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Benchmark greedy vs AdaDecode vs self-speculative decoding (batch 1).")
-    ap.add_argument("--model", help="Hugging Face Llama-family folder (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--model", help="a Llama-family or Qwen2 checkpoint folder, or a hub id (org/name) "
+                    "(default: SmolLM2-135M-Instruct)")
     ap.add_argument("--heads", help=f"exit heads file (default: {DEFAULT_HEADS})")
     ap.add_argument("--prompts", help="JSON Lines prompt file (default: HumanEval's 164 prompts)")
     ap.add_argument("--raw", action="store_true", help="no chat template")

@@ -434,7 +434,8 @@ def main(argv=None):
     from model import prepare_default_model
     from train_heads import held_out_split, stdlib_function_prompts
     ap = argparse.ArgumentParser(description="Replay AdaDecode's schedule for exit policies from recorded greedy traces.")
-    ap.add_argument("--model", help="Hugging Face Llama-family folder (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--model", help="a Llama-family or Qwen2 checkpoint folder, or a hub id (org/name) "
+                    "(default: SmolLM2-135M-Instruct)")
     ap.add_argument("--heads", help=f"exit heads file (default: {DEFAULT_HEADS})")
     ap.add_argument("--prompts", help="JSON Lines prompt file (default: the held-out split of train_heads.py's prompts)")
     ap.add_argument("--raw", action="store_true", help="no chat template")

@@ -299,7 +299,8 @@ def calibration_plot(points, path, bins=10):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Train AdaDecode exit heads (KL to the frozen model's final layer).")
-    ap.add_argument("--model", help="Hugging Face Llama-family folder (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--model", help="a Llama-family or Qwen2 checkpoint folder, or a hub id (org/name) "
+                    "(default: SmolLM2-135M-Instruct)")
     ap.add_argument("--layers", type=int, nargs="+",
                     help="head after each of these layers (default: about 1/4, 1/2 and 3/4 of the depth; 8 15 22 "
                          "for SmolLM2's 30 layers)")
