@@ -13,10 +13,12 @@ and everything after it are dropped and every layer's cache is cut back.
 """
 import argparse
 import json
+import shutil
 import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -116,15 +118,17 @@ def generate_greedy(model, prompt, max_new_tokens, eos=(), on_token=None):
     stats.host_syncs += 1
     sync(device)
     t1 = time.perf_counter()
+    nxt = torch.tensor([out], device=device)          # (1, 1): the newest token, kept on the device
     while True:
         if on_token:
             on_token(out[-1:])
         stats.exit_layer_sum += L
         if out[-1] in eos or len(out) == budget:
             break
-        h = model.run_layers(model.embed(torch.tensor([out[-1:]], device=device)), len(prompt) + len(out) - 1, cache)
+        h = model.run_layers(model.embed(nxt), len(prompt) + len(out) - 1, cache)
         stats.count_call(1, L)
-        out.append(int(model.logits(h[:, -1]).argmax(-1)))
+        nxt = model.logits(h[:, -1:]).argmax(-1)      # the next call's input, without a host round trip
+        out.append(int(nxt))                          # the one host sync per token
         stats.host_syncs += 1
     sync(device)
     return GenerationResult(prompt, out, time.perf_counter() - t1, t1 - t0, stats, cache)
@@ -290,7 +294,14 @@ def read_prompts(path):
 
 
 def default_device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """cuda when torch can use it, else cpu, with a warning when a GPU is there but unusable."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi"):
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "the driver or GPU is unusable"
+        print(f"warning: an NVIDIA GPU is present but {why} (torch {torch.__version__}); running on the CPU",
+              file=sys.stderr)
+    return "cpu"
 
 
 

@@ -33,6 +33,9 @@ from model import InputError, precision, prepare_default_model, resolve_checkpoi
 from train_heads import CODE_REQUEST
 
 
+LAUNCH_SECONDS = 5e-6      # a typical CUDA kernel launch from eager PyTorch, for the launch-bound estimate
+
+
 def check_writable_folder(folder, flag):
     """Before the long work: `folder` is, or can become, a folder this process can write."""
     if folder.exists() and not folder.is_dir():
@@ -414,6 +417,11 @@ def main(argv=None):
                   f"read bandwidth = {bw * 1e9 / wbytes:.1f} tok/s; greedy reaches {g:.1f} tok/s "
                   f"({g / (bw * 1e9 / wbytes):.0%} of the floor); weights in memory "
                   f"{floors[dt]['weight_memory_bytes'] / 2**20:.0f} MiB")
+            calls = summary[label(dt, "greedy", None)].get("operator_calls_per_token")
+            if calls and torch.device(a.device).type == "cuda":   # at batch 1 a small model is launch-bound
+                floors[dt]["launch_bound_tokens_per_second"] = 1 / (calls * LAUNCH_SECONDS)
+                print(f"{dt}: launch-bound estimate: {calls:.0f} operator calls per token x "
+                      f"{LAUNCH_SECONDS * 1e6:.0f} us per kernel launch = {1 / (calls * LAUNCH_SECONDS):.0f} tok/s")
         agreement = None
         if len(dtypes) > 1:
             agreement = dtype_agreement(rows, dtypes, engines, ids, summary, label)

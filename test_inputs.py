@@ -433,3 +433,41 @@ def test_a_split_gguf_that_does_not_match_its_pin_is_refused(tmp_path, monkeypat
     spec = {**gguf_to_hf.QWEN_CODER_05B, "size": 39, "sha256": __import__("hashlib").sha256(
         b"not the model" + b"not the model" * 2).hexdigest()}
     assert gguf_to_hf.fetch_split_gguf(spec, dest).read_bytes() == b"not the model" * 3   # joined in order
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--methods", ","], "names no method"),
+    (["--methods", "greedy,beam"], "unknown method"),
+    (["--n", "0"], "--n"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--threshold", "1.5"], "--threshold"),
+    (["--device", "tpu"], "not a device name"),
+    (["--dtype", "float32", "int8", "--row-cost"], "one dtype"),
+    (["--dtype", "int8", "--compare-hf"], "float32"),
+])
+def test_bench_refuses_before_the_long_work(tmp_path, argv, message, capsys, monkeypatch):
+    import bench
+    monkeypatch.setattr(bench, "setup", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    assert bench.main(argv + ["--out", str(tmp_path / "b")]) == 2
+    assert message in one_line_error(capsys)
+    (tmp_path / "file").write_text("")
+    assert bench.main(["--out", str(tmp_path / "file")]) == 2          # a file where a folder goes
+    assert "is a file" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--shortlist", "-1"], "--shortlist"), (["--n", "2"], "--n"), (["--lr", "0"], "--lr"),
+    (["--heldout", "1"], "--heldout"), (["--epochs", "-1"], "--epochs"), (["--max-new-tokens", "0"], "--max-new-tokens"),
+])
+def test_train_heads_refuses_bad_arguments_before_training(tmp_path, argv, message, capsys, monkeypatch):
+    import train_heads
+    monkeypatch.setattr(train_heads, "load_model", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    assert train_heads.main(argv + ["--out", str(tmp_path / "h.safetensors")]) == 2
+    assert message in one_line_error(capsys)
+    assert train_heads.main(["--out", str(tmp_path)]) == 2              # a folder where the heads file goes
+    assert "is a folder" in one_line_error(capsys)
+
+
+def test_json_speed_counts_decoded_tokens_only(capsys):
+    assert main(["--prompt", "hi", "--max-new-tokens", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens_per_second"] is None

@@ -43,8 +43,9 @@ def test_forward_matches_transformers(tmp_path, name, kw):
     assert generate_greedy(ours, tokens[0, :8].tolist(), 24).tokens == hf_tokens
 
 
-def test_incremental_forward_equals_full_recompute():
-    model = random_llama(3, n_heads=6, n_kv_heads=3, dim=48)
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_incremental_forward_equals_full_recompute(arch):
+    model = random_llama(3, n_heads=6, n_kv_heads=3, dim=48, arch=arch)
     tokens = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(1))
     full = model.logits(model.run_layers(model.embed(tokens), 0, model.new_cache(30)))
     cache = model.new_cache(30)
