@@ -84,12 +84,17 @@ def read_bandwidth(device, gib=1.0, repeats=5):
     return x.numel() * 4 / statistics.median(times[1:]) / 1e9
 
 
+def weight_memory(model):
+    """Bytes the weights occupy (parameters and buffers, a shared matrix once)."""
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
+
+
 def weight_bytes_per_token(model):
     """Bytes of weights read to decode one token: every matrix once (int8 weights and their
     scales included), except the embedding, of which the lookup reads one row, unless the
     LM head is the same matrix."""
     emb = model.tok_embeddings.weight
-    total = sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
+    total = weight_memory(model)
     if getattr(model.output, "weight", None) is not emb:
         total -= (emb.shape[0] - 1) * emb.shape[1] * emb.element_size()
     return total
@@ -487,11 +492,6 @@ def row_cost_report(out, model, heads, mach):
     fig.tight_layout(), fig.savefig(out / "row_cost.png", dpi=110), plt.close(fig)
     print(f"wrote {out / 'results.json'}, {out / 'row_cost.png'}")
     return 0
-
-
-def weight_memory(model):
-    """Bytes the weights occupy (parameters and buffers, a shared matrix once)."""
-    return sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
 
 
 def dtype_agreement(rows, dtypes, engines, ids, summary, label):
