@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from exits import Threshold, from_spec
-from model import InputError, Tokenizer, eos_ids, int8_unsupported, load_model, prepare_default_model, quantize_int8
+from model import (InputError, Tokenizer, eos_ids, int8_unsupported, load_model, pack_float32, pack_unsupported,
+                   precision, prepare_default_model, quantize_int8)
 
 DEFAULT_HEADS = "heads/smollm2-135m-instruct.safetensors"
 DTYPES = ["float32", "int8", "bfloat16", "float64"]
@@ -85,6 +86,13 @@ class GenerationResult:
 def sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+def token_tensor(tokens, device):
+    """(1, T) token ids on `device`. On a GPU the copy leaves from pinned memory without
+    blocking the host, which goes on queueing the layers behind it."""
+    t = torch.tensor([tokens])
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 def token_budget(model, prompt, max_new_tokens):
@@ -179,7 +187,7 @@ def generate_ada(model, heads, prompt, max_new_tokens, eos=(), threshold=0.75, m
             blk = deferred.pop()
             h, layer = blk.h, blk.frontier
         else:
-            h, layer = model.embed(torch.tensor([out[-1:]], device=device)), 0
+            h, layer = model.embed(token_tensor(out[-1:], device)), 0   # a token the host already knows
         last = pos - 1 if finished else pos           # position of the newest row (an exit token has none yet)
         can_exit = not finished and pos - cache.lengths[L - 1] < max_pending
         while layer < L:
@@ -329,9 +337,12 @@ def setup(model_dir, heads_path, device, dtype=None):
     CPU'), float32 otherwise."""
     check_device(device)
     folder = model_dir or prepare_default_model()
-    model = load_model(folder, dtype=dtype or torch.float32, device=device)
-    if dtype is None and not int8_unsupported(model):
-        quantize_int8(model)
+    model = load_model(folder, dtype=dtype or torch.float32, device=device, pack=dtype is not None)
+    if dtype is None:
+        if not int8_unsupported(model):
+            quantize_int8(model)
+        elif not pack_unsupported(model):
+            pack_float32(model)
     tok = Tokenizer(folder)
     heads = None
     if heads_path:
@@ -435,7 +446,7 @@ def main(argv=None):
             if a.json:
                 print(json.dumps({"prompt_tokens": r.prompt_tokens, "tokens": r.tokens, "text": tok.decode(r.tokens),
                                   "seconds": r.seconds, "tokens_per_second": (len(r.tokens) - 1) / r.seconds if r.seconds and len(r.tokens) > 1 else None,
-                                  "prefill_seconds": r.prefill_seconds, "method": a.method,
+                                  "prefill_seconds": r.prefill_seconds, "method": a.method, "dtype": precision(model),
                                   "stats": r.stats.summary(len(r.tokens))}))
             elif stream:
                 stream.close()

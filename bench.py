@@ -16,6 +16,7 @@ import csv
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import sys
@@ -65,10 +66,27 @@ def machine(device, dtype):
 
 
 def peak_memory(device):
-    """Peak memory of this process so far, in bytes (GPU: allocated by torch; CPU: resident)."""
+    """Peak memory of this process since the last reset_peak_memory, in bytes (GPU:
+    allocated by torch; CPU: resident, the kernel's high-water mark)."""
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    try:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_memory(device):
+    """Start a new peak, so that each method's peak is its own; False where that cannot be
+    done (a CPU without Linux's /proc/self/clear_refs: the peak is then the process's)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        Path("/proc/self/clear_refs").write_text("5")    # resets VmHWM to the current resident size
+        return True
+    except OSError:
+        return False
 
 
 def read_bandwidth(device, gib=1.0, repeats=5):
@@ -92,10 +110,10 @@ def weight_memory(model):
 def weight_bytes_per_token(model):
     """Bytes of weights read to decode one token: every matrix once (int8 weights and their
     scales included), except the embedding, of which the lookup reads one row, unless the
-    LM head is the same matrix."""
+    LM head multiplies by that very matrix (a packed or int8 LM head is its own copy)."""
     emb = model.tok_embeddings.weight
     total = weight_memory(model)
-    if getattr(model.output, "weight", None) is not emb:
+    if not (isinstance(model.output, torch.nn.Linear) and model.output.weight is emb):
         total -= (emb.shape[0] - 1) * emb.shape[1] * emb.element_size()
     return total
 
@@ -196,6 +214,7 @@ def summarise(rows):
             "mean_rows_per_call": s["layer_rows"] / max(s["layer_calls"], 1),
             "median_prefill_seconds": statistics.median(r["prefill_seconds"] for r in rs),
             "host_syncs_per_token": s["host_syncs"] / toks if label != "hf" else None,
+            "peak_memory_bytes": max(r["stats"].get("peak_memory", 0) for r in rs),
         }
     return out
 
@@ -379,13 +398,16 @@ def main(argv=None):
             ref = {}
             for dt, m, t in runs:   # interleaved: every dtype and method on this prompt before the next prompt
                 model, heads, rec = engines[dt]
+                per_method = reset_peak_memory(a.device)
                 r = run_method(m, model, heads, x, a.max_new_tokens, eos, t, a.max_pending,
                                trace=(i == 0 and m == "ada" and t == thresholds[0] and dt == dtypes[0]))
+                run_peak = peak_memory(a.device)
                 if m == "greedy":
                     ref[dt] = r.tokens
                 if r.stats.trace:
                     trace = r.stats.trace
                 st = r.stats.summary(len(r.tokens))
+                st["peak_memory"] = run_peak
                 if m == "ada":   # the simulator's prediction from greedy's trace, beside the measured schedule
                     sim, _ = rec.replay([rec.record(x, ref[dt], a.max_new_tokens, eos)], exit_policy(heads, t),
                                         a.max_pending, exact=True)
@@ -393,9 +415,10 @@ def main(argv=None):
                 rows.append(result_row(i, p, label(dt, m, t), label(dt, "greedy", None), m, t, dt, r.tokens, ref[dt],
                                        r.seconds, r.prefill_seconds, st, model, x))
             if hf is not None:
+                reset_peak_memory(a.device)
                 toks, secs, pre = hf_greedy(hf, x, a.max_new_tokens, a.device)
                 rows.append(result_row(i, p, "hf", "greedy", "hf", None, "float32", toks, ref["float32"], secs, pre,
-                                       {}, engines["float32"][0], x))
+                                       {"peak_memory": peak_memory(a.device)}, engines["float32"][0], x))
 
         summary = summarise(rows)
         for k, v in op_counts.items():
@@ -403,7 +426,7 @@ def main(argv=None):
         cats = sorted({r["category"] for r in rows})
         per_cat = {c: summarise([r for r in rows if r["category"] == c]) for c in cats} if len(cats) > 1 else {}
         mach = machine(a.device, ",".join(dtypes))
-        mem = peak_memory(a.device)                   # before the bandwidth probe's 1 GiB buffer
+        mem = peak_memory(a.device) if not per_method else max(s["peak_memory_bytes"] for s in summary.values())
         bw = read_bandwidth(a.device)
         print_table(summary, f"{len(prompts)} prompts x {a.max_new_tokens} new tokens, {mach['device']} {mach['dtype']}, "
                              f"{mach.get('gpu', mach['cpu'])}")
@@ -430,7 +453,10 @@ def main(argv=None):
         agreement = None
         if len(dtypes) > 1:
             agreement = dtype_agreement(rows, dtypes, engines, ids, summary, label)
-        print(f"peak memory: {mem / 2**20:.0f} MiB (every model loaded in this process)")
+        print(("peak memory while decoding, per method: " + ", ".join(f"{k} {v['peak_memory_bytes'] / 2**20:.0f} MiB"
+                                                                for k, v in summary.items()) if per_method else
+               f"peak memory: {mem / 2**20:.0f} MiB") + f" ({'GPU, allocated by torch' if 'gpu' in mach else 'resident'}; "
+              "every model loaded in this process counts; the bandwidth probe runs after)")
         divergences = [r for r in rows if r["divergence"]]
         for r in divergences:
             d = r["divergence"]

@@ -211,12 +211,14 @@ class Recorder:
         self._prefix = {}             # id(trace) -> prompt + greedy tokens, for branches
 
     @torch.inference_mode()
-    def record(self, prompt, tokens, max_new_tokens, eos):
+    def record(self, prompt, tokens, max_new_tokens, eos, regenerate=False):
         """The trace of greedy's `tokens` for `prompt`, teacher-forced: the prompt in one call,
         as prefill runs it, then the response in calls of ROW_BY_ROW rows, whose rows are
         computed as decoding computes them (bit for bit in int8, where the forward is
         batch-invariant). Where the final layer's argmax here disagrees with `tokens` (a
-        response made elsewhere, or a float32 near-tie), the trace stops just before."""
+        response made elsewhere, by float32 `transformers` for an int8 model, say) the
+        trace stops just before, unless `regenerate`: then this model's own greedy
+        response replaces `tokens` (once), so that the trace runs to its full length."""
         m, n, L = self.model, len(prompt), self.model.args.n_layers
         ids = torch.tensor([prompt + tokens], device=m.device)
         cache, rows, pred = m.new_cache(ids.shape[1]), {l: [] for l in self.layers}, []
@@ -230,6 +232,9 @@ class Recorder:
                     rows[l] += self.heads.check_rows(l, h[0])
             pred += m.logits(h[0, -1:] if a == 0 else h[0]).argmax(-1).tolist()   # pred[j]: the final layer's tokens[j]
         keep = next((j for j, (a, b) in enumerate(zip(pred, tokens)) if a != b), len(tokens))
+        if keep < len(tokens) and regenerate:
+            from adadecode import generate_greedy
+            return self.record(prompt, generate_greedy(m, prompt, max_new_tokens, eos).tokens, max_new_tokens, eos)
         if keep < len(tokens):
             tokens, max_new_tokens = tokens[:keep], keep
         guesses = [{l: rows[l][j] for l in self.layers} for j in range(len(tokens))]
@@ -285,7 +290,7 @@ def row_costs(model, heads, rows=(1, 2, 3, 4, 5, 6), context=300, repeats=7):
         calls = [("logits", lambda: m.logits(h[:, -1:]).argmax(-1).tolist())]
         if heads is not None:
             calls.append(("check", lambda: heads.check(heads.layers[0], x)))
-        for name, fn in calls:
+        for name, fn in calls:               # each ends in a host transfer, so the device has finished
             times = []
             for _ in range(repeats * 3):
                 t = time.perf_counter()
@@ -379,7 +384,7 @@ def load_traces(rec, seqs, max_new_tokens, eos, path, categories=None):
     then renamed). A trace whose first token already disagrees with the response is dropped."""
     if path.exists():
         return [Trace.from_json(json.loads(l)) for l in path.read_text().splitlines()]
-    traces = [rec.record(p, r, max_new_tokens, eos) for p, r in seqs]
+    traces = [rec.record(p, r, max_new_tokens, eos, regenerate=True) for p, r in seqs]
     for t, c in zip(traces, categories or []):
         t.category = c
     traces = [t for t in traces if t.tokens]
@@ -396,7 +401,7 @@ def traces_for(rec, tok, folder, heads_path, prompts, max_new_tokens, raw=False)
     ids = [tok.prompt_ids(p["prompt"], raw=raw) for p in prompts]
     resp = generate_responses(folder, ids, max_new_tokens, response_cache(folder, max_new_tokens))
     hkey = hashlib.sha256(Path(heads_path).read_bytes()).hexdigest()[:8]
-    key = hashlib.sha256(json.dumps([ids, hkey, max_new_tokens, precision(rec.model), 3]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([ids, hkey, max_new_tokens, precision(rec.model), 4]).encode()).hexdigest()[:12]
     return load_traces(rec, list(zip(ids, resp)), max_new_tokens, eos_ids(rec.model, tok),
                        response_cache(folder).parent / f"traces-{key}.jsonl", [p.get("category", "") for p in prompts])
 
@@ -406,10 +411,10 @@ def default_traces(split="held-out", n=400, max_new_tokens=128, heads_path=None)
     the held-out split (for choosing policies) or the training split."""
     from adadecode import DEFAULT_HEADS, setup
     from model import prepare_default_model
-    from train_heads import held_out_split, stdlib_function_prompts
+    from train_heads import default_split
     heads_path = heads_path or DEFAULT_HEADS
     model, tok, heads = setup(None, heads_path, "cpu", torch.float32)
-    train, held = held_out_split(stdlib_function_prompts(), n)
+    train, held = default_split(n, heads.meta.get("training", {}).get("domains", "code"))
     rec = Recorder(model, heads)
     return rec, traces_for(rec, tok, prepare_default_model(), heads_path, held if split == "held-out" else train,
                            max_new_tokens)
@@ -429,10 +434,10 @@ def print_row(name, f):
 
 
 def main(argv=None):
-    from adadecode import DEFAULT_HEADS, read_prompts, setup
+    from adadecode import DEFAULT_HEADS, default_device, read_prompts, setup
     from exits import from_spec
     from model import prepare_default_model
-    from train_heads import held_out_split, stdlib_function_prompts
+    from train_heads import default_split
     ap = argparse.ArgumentParser(description="Replay AdaDecode's schedule for exit policies from recorded greedy traces.")
     ap.add_argument("--model", help="a Llama-family or Qwen2 checkpoint folder, or a hub id (org/name) "
                     "(default: SmolLM2-135M-Instruct)")
@@ -443,9 +448,10 @@ def main(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--max-pending", type=int, default=5)
     ap.add_argument("--exact", action="store_true", help="compute wrong-branch guesses with the model (slower)")
-    ap.add_argument("--dtype", choices=["int8", "float32"], default="int8",
-                    help="the model's dtype for the traces, the head checks and the cost model (default: int8, "
-                         "as adadecode.py and bench.py on the CPU)")
+    ap.add_argument("--dtype", choices=["int8", "float32"],
+                    help="the model's dtype for the traces, the head checks and the cost model (default: as "
+                         "adadecode.py and bench.py: int8 on the CPU, float32 on a GPU)")
+    ap.add_argument("--device", help="where to record traces and measure the cost model: cuda when available, else cpu")
     ap.add_argument("--objective", choices=["ideal", "predicted"], default="ideal",
                     help="what --fit maximises: the ideal-hardware speedup, or the speedup predicted on this machine "
                          "by its measured row-cost model")
@@ -459,13 +465,14 @@ def main(argv=None):
         heads_path = a.heads or (DEFAULT_HEADS if not a.model else None)
         if not heads_path:
             raise InputError("--heads is needed for a model other than the default")
-        model, tok, heads = setup(a.model, heads_path, "cpu", getattr(torch, a.dtype))
+        prompts = read_prompts(a.prompts) if a.prompts else None      # a bad file is refused before loading
+        model, tok, heads = setup(a.model, heads_path, a.device or default_device(),
+                                  getattr(torch, a.dtype) if a.dtype else None)
         folder = resolve_checkpoint(a.model) if a.model else prepare_default_model()
-        if a.prompts:
-            prompts = read_prompts(a.prompts)
+        if prompts:
             train, held = [], prompts
         else:
-            train, held = held_out_split(stdlib_function_prompts(), a.n)
+            train, held = default_split(a.n, heads.meta.get("training", {}).get("domains", "code"))
         if a.fit and not train:
             raise InputError("--fit needs the default prompt set (a training split for the classifier)")
         rec = Recorder(model, heads)

@@ -99,7 +99,7 @@ def test_training_prompts_are_deterministic_and_never_benchmark_prompts():
     import subprocess
     import sys
     from bench import humaneval_prompts
-    from train_heads import domain_prompts, stdlib_function_prompts
+    from train_heads import MIXED_PER_DOMAIN, domain_prompts, stdlib_function_prompts, without_benchmark_prompts
     code = stdlib_function_prompts()
     assert not any(" at 0x" in p["prompt"] for p in code)
     probe = ("import hashlib, json; from train_heads import stdlib_function_prompts, held_out_split; "
@@ -107,9 +107,14 @@ def test_training_prompts_are_deterministic_and_never_benchmark_prompts():
     runs = {subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
             for _ in range(2)}
     assert len(runs) == 1, "the held-out split differs between processes"
-    training = {p["prompt"] for p in code + domain_prompts()}
+    training = {p["prompt"] for p in code + domain_prompts(MIXED_PER_DOMAIN)}
     reported = {p["prompt"] for p in humaneval_prompts()}
     for f in ("prompts.jsonl", "prompts-tune.jsonl"):
         reported |= {json.loads(l)["prompt"] for l in open(f) if l.strip()}
     assert not training & reported
     assert {p["category"] for p in domain_prompts()} == {"math", "summarisation", "chat", "translation"}
+    # nor a near copy of a benchmark prompt: a template that happens to write one is dropped
+    assert without_benchmark_prompts(domain_prompts(MIXED_PER_DOMAIN)) == domain_prompts(MIXED_PER_DOMAIN)
+    near = [{"prompt": "Solve for x: 3x + 7 = 22. Explain each step."}, {"prompt": "why is the sky blue?"},
+            {"prompt": "Solve for x: 4x + 7 = 22."}]
+    assert without_benchmark_prompts(near) == near[2:]

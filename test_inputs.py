@@ -458,6 +458,7 @@ def test_bench_refuses_before_the_long_work(tmp_path, argv, message, capsys, mon
 @pytest.mark.parametrize("argv,message", [
     (["--shortlist", "-1"], "--shortlist"), (["--n", "2"], "--n"), (["--lr", "0"], "--lr"),
     (["--heldout", "1"], "--heldout"), (["--epochs", "-1"], "--epochs"), (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--device", "tpu"], "not a device name"),
 ])
 def test_train_heads_refuses_bad_arguments_before_training(tmp_path, argv, message, capsys, monkeypatch):
     import train_heads
@@ -471,3 +472,15 @@ def test_train_heads_refuses_bad_arguments_before_training(tmp_path, argv, messa
 def test_json_speed_counts_decoded_tokens_only(capsys):
     assert main(["--prompt", "hi", "--max-new-tokens", "1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens_per_second"] is None
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--device", "tpu"], "not a device name"), (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--prompts", "missing.jsonl"], "missing.jsonl"),
+])
+def test_simulate_refuses_before_the_long_work(argv, message, capsys, monkeypatch):
+    import simulate
+    monkeypatch.setattr("model.load_model", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    monkeypatch.setattr("adadecode.load_model", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    assert simulate.main(argv) == 2
+    assert message in one_line_error(capsys)

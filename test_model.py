@@ -4,6 +4,7 @@
 """
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from hypothesis import given, strategies as st
 from adadecode import generate_greedy, main, read_prompts
 from conftest import assert_close, random_llama, save_tiny_checkpoint, tiny_config
 from kvcache import KVCache
-from model import CheckpointError, InputError, load_model
+from model import CheckpointError, InputError, load_model, prepare_default_model
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}
@@ -190,6 +191,7 @@ def test_cli_json_greedy(real, capsys):
     for flags, m in ((["--dtype", "float32"], model), ([], int8)):
         assert main(["--prompt", "What is 2+2?", "--max-new-tokens", "8", "--json", "--device", "cpu", *flags]) == 0
         row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert row["dtype"] == ("float32" if flags else "int8")
         assert row["prompt_tokens"] == tok.prompt_ids("What is 2+2?")
         assert row["tokens"] == generate_greedy(m, row["prompt_tokens"], 8, eos).tokens
         assert row["tokens_per_second"] > 0 and row["text"] == tok.decode(row["tokens"])
@@ -226,3 +228,41 @@ def test_compiled_blocks_do_not_recompile_after_a_warm_up(int8):
                 assert a.tokens == g.tokens
                 assert a.tokens == generate_ada(eager, eager_heads, prompt, 16, policy=Threshold(t), max_pending=p).tokens
     torch._dynamo.reset()
+
+
+# --- packed float32 (oneDNN) layers ---------------------------------------------------
+
+@given(out_f=st.integers(1, 300), in_f=st.integers(1, 300), rows=st.integers(1, 9), bias=st.booleans(),
+       seed=st.integers(0, 10**6))
+def test_packed_linear_is_f_linear(out_f, in_f, rows, bias, seed):
+    """Same float32 products as F.linear (another summation order), for any shape and row
+    count; unpacking gives back the very weights; rows of it are rows of the product."""
+    from model import PackedLinear, linear_rows
+    g = torch.Generator().manual_seed(seed)
+    w, b = torch.randn(out_f, in_f, generator=g), torch.randn(out_f, generator=g) if bias else None
+    x = torch.randn(1, rows, in_f, generator=g)
+    ref = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    packed = PackedLinear(w, b, keep_weight=True)
+    assert_close(packed(x), ref, atol=1e-4, rtol=1e-4, what="packed product")
+    assert torch.equal(packed.unpacked().weight, w) and torch.equal(PackedLinear(w).unpacked().weight, w)
+    ids = torch.tensor(sorted({seed % out_f, (seed // 7) % out_f}))
+    assert_close(linear_rows(packed, ids)(x), ref[..., ids], atol=1e-4, rtol=1e-4, what="shortlist rows")
+
+
+def test_float32_loads_packed_and_int8_never_silently_skips(tmp_path):
+    """load_model packs float32 on the CPU; the CLI's default picks int8 where the widths
+    allow it and packed float32 elsewhere; quantising a packed model is refused, not a no-op."""
+    from adadecode import setup
+    from model import Int8Linear, PackedLinear, precision, quantize_int8
+    for dim, want in ((32, "float32"), (64, "int8")):
+        folder = tmp_path / str(dim)
+        save_tiny_checkpoint(folder, tiny_config(dim=dim, ffn=2 * dim, n_heads=4, n_kv_heads=2))
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(prepare_default_model() / name, folder / name)
+        model = setup(str(folder), None, "cpu")[0]
+        assert precision(model) == want
+        kinds = {type(m) for m in model.modules()} & {torch.nn.Linear, PackedLinear, Int8Linear}
+        assert kinds == ({PackedLinear} if want == "float32" else {Int8Linear})
+        assert not any(isinstance(m, PackedLinear) for m in load_model(folder, pack=False).modules())
+    with pytest.raises(InputError, match="packed"):
+        quantize_int8(load_model(tmp_path / "64"))

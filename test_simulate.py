@@ -136,3 +136,16 @@ def test_fit_and_choose_thresholds():
     obj = lambda th: -sum(abs((th[l] or 2.0) - (target[l] or 2.0)) for l in th)
     best, score = choose_thresholds(obj, [1, 2, 3])
     assert best == target and score == 0
+
+
+def test_a_response_made_elsewhere_is_cut_or_regenerated():
+    """A trace follows this model's greedy path: a response that leaves it is cut just
+    before, or, with regenerate, replaced by the model's own greedy response."""
+    from conftest import random_llama
+    model = random_llama(8, n_layers=3, vocab=11)
+    rec = Recorder(model, random_heads(model, [1, 2], seed=1, noise=1.0))
+    greedy = generate_greedy(model, [4, 2], 20).tokens
+    other = greedy[:5] + [(greedy[5] + 1) % 11] + greedy[6:]          # leaves greedy's path at token 5
+    assert rec.record([4, 2], other, 20, set()).tokens == greedy[:5]
+    full = rec.record([4, 2], other, 20, set(), regenerate=True)
+    assert full.tokens == greedy and len(full.guesses) == len(greedy)

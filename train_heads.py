@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from adadecode import read_prompts
+from adadecode import check_device, default_device, read_prompts
 from heads import ExitHeads
-from model import (InputError, Tokenizer, default_model_dir, eos_ids, load_model, prepare_default_model,
-                   resolve_checkpoint)
+from model import (InputError, Tokenizer, default_model_dir, eos_ids, int8_unsupported, load_model,
+                   prepare_default_model, quantize_int8, resolve_checkpoint)
 
 CODE_REQUEST = "Complete the following Python function.\n\n```python\n{code}```"
 STDLIB_MODULES = ["string", "textwrap", "json", "posixpath", "shutil", "glob", "fnmatch", "heapq", "bisect",
@@ -90,15 +90,28 @@ MATH = ["A {item} costs {a} dollars. How much do {n} of them cost?",
         "The sum of two numbers is {c} and one of them is {a}. What is the other number?",
         "A rectangle has sides of {a} m and {n} m. What are its area and its perimeter?",
         "{name} walks {n} km in {a} minutes. What is the average speed in km per hour?"]
-TOPICS = ["how a refrigerator keeps food cold", "why the sky is blue", "how vaccines work", "what inflation is",
+TOPICS = ["how a refrigerator keeps food cold", "how vaccines work", "what inflation is",
           "how bees make honey", "why we have seasons", "how a bicycle stays upright", "what a black hole is",
-          "how the internet sends messages", "why bread rises", "how plants make food from sunlight",
-          "what causes earthquakes", "how a compass works", "why the moon has phases", "how recycling helps",
-          "what a budget is", "how clouds form", "why exercise is good for the heart", "how a battery stores energy",
-          "what photosynthesis needs", "how tides work", "why metals conduct electricity"]
+          "how the internet sends messages", "why bread rises", "what causes earthquakes", "how a compass works",
+          "why the moon has phases", "how recycling helps", "what a budget is", "how clouds form",
+          "why exercise is good for the heart", "how a battery stores energy", "how tides work",
+          "why metals conduct electricity", "how a rainbow forms", "what an interest rate is", "how a microwave oven heats food",
+          "why leaves change colour in autumn", "how an aeroplane wing makes lift", "what DNA does", "how a dam makes electricity",
+          "why salt melts ice on roads", "how the heart pumps blood", "what a credit score is", "how a camera lens focuses",
+          "why cats purr", "how glass is made", "what the stock market is", "how noise-cancelling headphones work",
+          "why we yawn", "how a thermostat works", "what a carbon footprint is", "how a lighthouse guides ships",
+          "why ice floats on water", "how coffee is grown", "how a library catalogue works", "what a solar eclipse is",
+          "how a washing machine cleans clothes", "why onions make you cry", "how elections count votes",
+          "what an allergy is", "how a satellite stays in orbit", "why the ocean is salty"]
 ACTIVITIES = ["keeping a small garden", "learning a new language", "running a first 5 km", "saving money each month",
               "studying for an exam", "cooking for a group of friends", "travelling by train", "starting to draw",
-              "organising a tidy desk", "writing a short story", "keeping a houseplant alive", "preparing for a job interview"]
+              "organising a tidy desk", "writing a short story", "keeping a houseplant alive", "preparing for a job interview",
+              "learning to play the guitar", "sleeping better", "making new friends in a new city", "giving a short speech",
+              "baking bread at home", "reading more books", "planning a birthday party", "cycling to work",
+              "taking better photos with a phone", "keeping a journal", "reducing food waste", "moving house",
+              "teaching a dog to sit", "painting a room", "learning to swim as an adult", "writing a polite email",
+              "looking after a sourdough starter", "choosing a second-hand car", "cutting down on sugar",
+              "volunteering in the community", "hosting a board game night", "learning to touch type"]
 LANGUAGES = ["French", "Spanish", "German", "Italian"]
 
 
@@ -133,7 +146,18 @@ def domain_prompts(n_per_domain=40, seed=0):
             for t in TOPICS] + [{"prompt": f"Give me three tips for {x}.", "category": "chat"} for x in ACTIVITIES]
     trans = [{"prompt": f"Translate into {rng.choice(LANGUAGES)}: {x}", "category": "translation"}
              for x in rng.sample(sentences, min(n_per_domain // 2, len(sentences)))]
-    return math_p + summ + chat[:n_per_domain] + trans
+    return without_benchmark_prompts(math_p + summ + chat[:n_per_domain] + trans)
+
+
+def without_benchmark_prompts(prompts, benchmark=Path(__file__).parent / "prompts.jsonl", n=6):
+    """Drop every prompt that shares n consecutive words with a prompt of the benchmark
+    file (a template can happen to write one: "Solve for x: 3x + 7 = 22")."""
+    words = lambda text: re.findall(r"\w+", text.lower())
+    grams = lambda w: {tuple(w[i:i + n]) for i in range(len(w) - n + 1)} or {tuple(w)}
+    seen = set()
+    for line in benchmark.read_text().splitlines():
+        seen |= grams(words(json.loads(line)["prompt"]))
+    return [p for p in prompts if not grams(words(p["prompt"])) & seen]
 
 
 def function_sources(prompts, tok, eos, max_tokens=256):
@@ -165,6 +189,20 @@ def held_out_split(prompts, n, heldout=0.15, seed=0):
     return prompts[n_held:], prompts[:n_held]
 
 
+MIXED_PER_DOMAIN = 120     # prompts per other domain in --domains mixed (chat has fewer topics)
+
+
+def default_split(n=400, domains="code", heldout=0.15, seed=0):
+    """(train, held-out) of the default prompts: the stdlib code requests, plus with
+    domains "mixed" the other domains' prompts, held out in the same proportion.
+    simulate.py replays the same held-out split the heads were evaluated on."""
+    train, held = held_out_split(stdlib_function_prompts(), n, heldout, seed)
+    if domains == "mixed":
+        dom_train, dom_held = held_out_split(domain_prompts(MIXED_PER_DOMAIN), 10**6, heldout, seed)
+        train, held = train + dom_train, held + dom_held
+    return train, held
+
+
 def response_cache(folder, max_new_tokens=128):
     """Where the model's responses are cached (JSON Lines, appended as they are generated)."""
     cache_dir = Path(os.environ.get("ADADECODE_HOME", default_model_dir().parent)) / "train"
@@ -173,7 +211,7 @@ def response_cache(folder, max_new_tokens=128):
     return cache_dir / f"responses-{key}.jsonl"
 
 
-def generate_responses(folder, prompt_ids, max_new_tokens, cache_file, batch_size=16):
+def generate_responses(folder, prompt_ids, max_new_tokens, cache_file, batch_size=16, device="cpu"):
     """The model's greedy responses, in batches through transformers (left-padded; this
     engine is batch-1 by design), appended to a JSON Lines cache so that a rerun resumes."""
     done, bad = {}, False
@@ -191,7 +229,7 @@ def generate_responses(folder, prompt_ids, max_new_tokens, cache_file, batch_siz
     todo = [p for p in dict.fromkeys(map(tuple, prompt_ids)) if p not in done]
     if todo:
         from transformers import AutoModelForCausalLM
-        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
         cfg = hf.generation_config
         eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, int) else cfg.eos_token_id[0]
         todo.sort(key=len)                                  # similar lengths batch with little padding
@@ -201,8 +239,8 @@ def generate_responses(folder, prompt_ids, max_new_tokens, cache_file, batch_siz
                 width = max(map(len, batch))
                 ids = torch.tensor([[eos] * (width - len(p)) + list(p) for p in batch])
                 mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
-                out = hf.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                  pad_token_id=eos)[:, width:]
+                out = hf.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                                  do_sample=False, pad_token_id=eos)[:, width:]
                 for p, row in zip(batch, out.tolist()):
                     resp = row[:row.index(eos) + 1] if eos in row else row
                     done[p] = resp
@@ -218,7 +256,7 @@ def collect_features(model, layers, sequences):
     but the final one). Returns ({layer: (N, d)}, (N, d))."""
     feats, final = {l: [] for l in layers}, []
     for prompt, response in tqdm(sequences, desc="collecting hidden states", unit="seq"):
-        ids = torch.tensor([prompt + response[:-1]])
+        ids = torch.tensor([prompt + response[:-1]], device=model.device)
         cache, h, start = model.new_cache(ids.shape[1]), model.embed(ids), 0
         keep = slice(len(prompt) - 1, None)
         for l in layers + [model.args.n_layers]:
@@ -319,6 +357,10 @@ def main(argv=None):
     ap.add_argument("--domains", choices=["code", "mixed"], default="code",
                     help="default prompts only: code requests alone, or with math, summarisation, chat and translation")
     ap.add_argument("--ce", type=float, default=0.0, help="weight of a cross-entropy term on the final layer's top-1")
+    ap.add_argument("--device", help="where to train: cuda when available, else cpu")
+    ap.add_argument("--dtype", choices=["float32", "int8"], default="float32",
+                    help="the model the held-out evaluation runs on; the heads always train on float32 (int8: the "
+                         "check as the CPU default runs it)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="heads/smollm2-135m-instruct.safetensors")
     a = ap.parse_args(argv)
@@ -333,23 +375,29 @@ def main(argv=None):
         parent = next(p for p in Path(a.out).absolute().parents if p.exists())
         if not os.access(parent, os.W_OK | os.X_OK):
             raise InputError(f"--out {a.out}: {parent} is not writable (checked now, before training)")
+        a.device = str(check_device(a.device or default_device()))
+        if a.dtype == "int8" and a.device != "cpu":
+            raise InputError("--dtype int8 evaluates on the CPU only (give --device cpu)")
         torch.manual_seed(a.seed)
         folder = resolve_checkpoint(a.model) if a.model else prepare_default_model()
-        model, tok = load_model(folder), Tokenizer(folder)
+        model, tok = load_model(folder, device=a.device), Tokenizer(folder)
+        q = load_model(folder, pack=False) if a.dtype == "int8" else None     # quantised for the evaluation
+        if q is not None and int8_unsupported(q):
+            raise InputError(f"--dtype int8: {int8_unsupported(q)}")
         L = model.args.n_layers
         a.layers = a.layers or sorted({max(1, round(L * f)) for f in (0.25, 0.5, 0.75)})
         heads = ExitHeads(model, a.layers)
         if a.prompts:
             prompts, source = read_prompts(a.prompts), f"prompt file {Path(a.prompts).name}"
+            train_p, held_p = held_out_split(prompts, a.n, a.heldout, a.seed)
         else:
             prompts, source = stdlib_function_prompts(), "stdlib 'complete this function' requests"
-        train_p, held_p = held_out_split(prompts, a.n, a.heldout, a.seed)
-        if a.domains == "mixed" and not a.prompts:   # the other domains' prompts, held out in the same proportion
-            dom_train, dom_held = held_out_split(domain_prompts(), 10**6, a.heldout, a.seed)
-            train_p, held_p, source = train_p + dom_train, held_p + dom_held, source + " + other domains"
+            train_p, held_p = default_split(a.n, a.domains, a.heldout, a.seed)
+            source += " + other domains" if a.domains == "mixed" else ""
         prompt_ids = [tok.prompt_ids(p["prompt"], raw=a.raw) for p in held_p + train_p]
         n_held = len(held_p)
-        responses = generate_responses(folder, prompt_ids, a.max_new_tokens, response_cache(folder, a.max_new_tokens))
+        responses = generate_responses(folder, prompt_ids, a.max_new_tokens, response_cache(folder, a.max_new_tokens),
+                                       device=a.device)
         seqs = list(zip(prompt_ids, responses))
         held, train = [x for x in seqs[:n_held] if x[1]], [x for x in seqs[n_held:] if x[1]]
         if a.sources and not a.prompts:    # teacher-forced sources of every function that is not held out
@@ -398,6 +446,12 @@ def main(argv=None):
         table, points = evaluate(heads, ho_feats, ho_final)
         print("held-out evaluation, untrained (identity = logit lens):\n" + format_table(before))
         print("held-out evaluation, trained:\n" + format_table(table))
+        if a.dtype == "int8":              # the same heads, checked as the int8 engine checks them
+            q = quantize_int8(q)
+            q_heads = ExitHeads(q, heads.layers, heads.T.detach()).set_shortlist(
+                None if heads.shortlist is None else heads.shortlist.tolist())
+            table, points = evaluate(q_heads, *collect_features(q, heads.layers, held))
+            print("held-out evaluation, trained, on the int8 model:\n" + format_table(table))
         out = Path(a.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         plot = out.with_suffix(".calibration.png")
@@ -408,7 +462,7 @@ def main(argv=None):
                                   "sources": a.sources and not a.prompts, "kept_epoch": best[2],
                                   "domains": a.domains, "layers": a.layers, "model": a.model or "SmolLM2-135M-Instruct",
                                   "command": " ".join(sys.argv)},
-                   evaluation={"heldout_prompts": len(held), "heldout_positions": len(ho_final),
+                   evaluation={"heldout_prompts": len(held), "heldout_positions": len(ho_final), "dtype": a.dtype,
                                "trained": {str(k): v for k, v in table.items()},
                                "identity": {str(k): v for k, v in before.items()}})
         print(f"saved {out} and {plot}")
