@@ -332,9 +332,9 @@ def check_device(device):
 
 def setup(model_dir, heads_path, device, dtype=None):
     """Load model, tokenizer and (when a path is given) heads; the default model is prepared
-    on first use. dtype None: int8 on the CPU where the model allows it (three times
+    on first use. dtype None: int8 on the CPU where the model allows it (about twice
     float32's speed there, and AdaDecode bit for bit int8 greedy: README, 'int8 on the
-    CPU'), float32 otherwise."""
+    CPU'), else float32, packed for oneDNN on the CPU."""
     check_device(device)
     folder = model_dir or prepare_default_model()
     model = load_model(folder, dtype=dtype or torch.float32, device=device, pack=dtype is not None)
