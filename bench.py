@@ -431,7 +431,8 @@ def main(argv=None):
         print_table(summary, f"{len(prompts)} prompts x {a.max_new_tokens} new tokens, {mach['device']} {mach['dtype']}, "
                              f"{mach.get('gpu', mach['cpu'])}")
         print("per generated token (prompt 0 for operator calls): " + "; ".join(
-            f"{k} {v['host_syncs_per_token']:.2f} host syncs, {v.get('operator_calls_per_token', 0):.0f} operator calls"
+            f"{k} {v['host_syncs_per_token']:.2f} host syncs, " + (f"{v['operator_calls_per_token']:.0f} operator calls"
+                                                                  if "operator_calls_per_token" in v else "operator calls not counted")
             for k, v in summary.items() if v.get("host_syncs_per_token") is not None))
         for c, s in per_cat.items():
             print_table(s, f"category: {c}")

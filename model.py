@@ -241,7 +241,8 @@ class PackedLinear(nn.Module):
     def unpacked(self):
         """The plain nn.Linear with the same weights (torch.compile cannot read packed ones)."""
         lin = nn.Linear(self.packed.shape[1], self.packed.shape[0], bias=self.bias is not None, device="meta")
-        lin.weight = nn.Parameter(self.weight if self.weight is not None else self.packed.to_dense(), requires_grad=False)
+        w = self.weight if self.weight is not None else self.packed.to_dense()
+        lin.weight = w if isinstance(w, nn.Parameter) else nn.Parameter(w, requires_grad=False)   # a tie stays a tie
         if self.bias is not None:
             lin.bias = nn.Parameter(self.bias, requires_grad=False)
         return lin

@@ -266,3 +266,7 @@ def test_float32_loads_packed_and_int8_never_silently_skips(tmp_path):
         assert not any(isinstance(m, PackedLinear) for m in load_model(folder, pack=False).modules())
     with pytest.raises(InputError, match="packed"):
         quantize_int8(load_model(tmp_path / "64"))
+    tied = random_llama(0, dtype=torch.float32, tie=True)
+    from model import pack_float32
+    pack_float32(tied).compile_blocks(backend="eager")                 # unpacks: the LM head is the embedding again
+    assert tied.output.weight is tied.tok_embeddings.weight
