@@ -260,8 +260,9 @@ def pack_unsupported(model):
 def pack_float32(model):
     """Replace every linear layer by a PackedLinear, in place (float32 on the CPU; the
     model loads this way by default: load_model(..., pack=False) keeps nn.Linear)."""
-    if pack_unsupported(model):
-        raise InputError(pack_unsupported(model))
+    why = pack_unsupported(model)
+    if why:
+        raise InputError(why)
     model.fingerprint = model_fingerprint(model)
     for module in list(model.modules()):
         for name, child in module.named_children():

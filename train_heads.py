@@ -382,8 +382,9 @@ def main(argv=None):
         folder = resolve_checkpoint(a.model) if a.model else prepare_default_model()
         model, tok = load_model(folder, device=a.device), Tokenizer(folder)
         q = load_model(folder, pack=False) if a.dtype == "int8" else None     # quantised for the evaluation
-        if q is not None and int8_unsupported(q):
-            raise InputError(f"--dtype int8: {int8_unsupported(q)}")
+        why = q is not None and int8_unsupported(q)
+        if why:
+            raise InputError(f"--dtype int8: {why}")
         L = model.args.n_layers
         a.layers = a.layers or sorted({max(1, round(L * f)) for f in (0.25, 0.5, 0.75)})
         heads = ExitHeads(model, a.layers)
