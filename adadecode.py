@@ -190,6 +190,8 @@ def generate_ada(model, heads, prompt, max_new_tokens, eos=(), threshold=0.75, m
             h, layer = model.embed(token_tensor(out[-1:], device)), 0   # a token the host already knows
         last = pos - 1 if finished else pos           # position of the newest row (an exit token has none yet)
         can_exit = not finished and pos - cache.lengths[L - 1] < max_pending
+        rehearsed = []                                # would-be exits the policy only scores: (layer, token);
+                                                      # dropped unheard if a later head exits for real
         while layer < L:
             # deferred rows join the batch at exactly the layer they need next
             if deferred and deferred[-1].frontier == layer:
@@ -198,14 +200,17 @@ def generate_ada(model, heads, prompt, max_new_tokens, eos=(), threshold=0.75, m
                 guess = heads.check(layer, h[0, -1])        # only the newest row decides
                 stats.head_checks += 1
                 stats.host_syncs += 1
-                if policy.exit(layer, guess):               # exit: emit now, park every row here
-                    deferred.append(Deferred(layer, h))
-                    out.append(guess.token)
-                    exit_layer.append(layer)
-                    stats.early_by_layer[layer] += 1
-                    if trace:
-                        stats.trace.append(("exit", stats.steps, layer))
-                    break
+                if policy.exit(layer, guess):
+                    if policy.dry(layer):                   # a switched-off head's re-probe: scored, not taken
+                        rehearsed.append((layer, guess.token))
+                    else:                                   # exit: emit now, park every row here
+                        deferred.append(Deferred(layer, h))
+                        out.append(guess.token)
+                        exit_layer.append(layer)
+                        stats.early_by_layer[layer] += 1
+                        if trace:
+                            stats.trace.append(("exit", stats.steps, layer))
+                        break
             # run up to the next place where something can happen: a head or a join
             stop = min([L] + [l for l in exit_layers if l > layer and can_exit] + [b.frontier for b in deferred[-1:]])
             if trace:
@@ -214,7 +219,11 @@ def generate_ada(model, heads, prompt, max_new_tokens, eos=(), threshold=0.75, m
             stats.count_call(h.shape[1], stop - layer)
             layer = stop
         else:
+            n = len(out)
             out, exit_layer = verify(model, cache, h, len(prompt), out, exit_layer, stats, policy)
+            if len(out) == n + 1:                     # the newest row's own token, after a verified context
+                for l, token in rehearsed:
+                    policy.observe(l, token == out[-1])
     sync(device)
     return GenerationResult(prompt, out, time.perf_counter() - t1, t1 - t0, stats, cache)
 

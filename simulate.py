@@ -155,6 +155,9 @@ class Oracle:
     def exit(self, layer, guess):
         return bool(self.ref[0].last_right)
 
+    def dry(self, layer):
+        return False
+
     def observe(self, layer, accepted):
         pass
 

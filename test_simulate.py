@@ -100,6 +100,60 @@ def test_guard_switches_a_bad_head_off_and_keeps_parity():
     assert plain.tokens == guarded.tokens == greedy.tokens
     assert guarded.stats.rejected < plain.stats.rejected / 3
     assert guarded.stats.sequential_layers < plain.stats.sequential_layers
+    # starting below every head's bar, the heads only rehearse: not one exit, so not one rollback
+    cautious = generate_ada(model, Wrong(), [3, 4], 60, policy=Guard(Threshold(0.5), 4, prior=0.0, probe=1))
+    assert cautious.tokens == greedy.tokens
+    assert sum(cautious.stats.early_by_layer.values()) == cautious.stats.rejected == 0
+    assert cautious.stats.head_checks > 0
+
+
+def test_a_rehearsing_head_earns_its_way_back():
+    g = Guard(Threshold(0.5), 30, slack=0.3, prior=0.0, probe=2)
+    g.reset()
+    sure = Guess(5, 0.9, 0.05, 0.3, 2.0)
+    assert [g.active(22) for _ in range(4)] == [False, True, False, True]    # every probe-th reach
+    assert g.exit(22, sure) and g.dry(22)                                     # would exit: rehearsed only
+    n = 0
+    while g.dry(22):                     # break-even 22/30, bar 0.733 + 0.3 * 0.267 = 0.813
+        g.observe(22, True)
+        n += 1
+    assert n == 8 and g.active(22) and not g.dry(22)                          # 1 - 0.8**8 >= 0.813 > 1 - 0.8**7
+    g.observe(22, False)
+    assert g.dry(22)                                                          # one miss at 0.83 drops it below
+
+
+def test_rehearsed_exits_are_scored_against_the_final_layers_token():
+    """A policy that rehearses every exit: the loop never exits, and each rehearsed guess
+    hears whether it equals greedy's token at its position, in order."""
+    from conftest import random_llama
+
+    class Rehearse:
+        def reset(self):
+            self.guessed, self.heard = [], []
+
+        def active(self, layer):
+            return True
+
+        def exit(self, layer, guess):
+            self.guessed.append((layer, guess.token))
+            return True
+
+        def dry(self, layer):
+            return True
+
+        def observe(self, layer, accepted):
+            self.heard.append((layer, accepted))
+    model = random_llama(3, n_layers=4, vocab=13)
+    heads = random_heads(model, [1, 2, 3], seed=3, noise=0.5)
+    greedy = generate_greedy(model, [1, 2], 40)
+    policy = Rehearse()
+    ada = generate_ada(model, heads, [1, 2], 40, policy=policy)
+    assert ada.tokens == greedy.tokens and sum(ada.stats.early_by_layer.values()) == 0
+    per_step = len(heads.layers)
+    expected = [(l, t == greedy.tokens[j // per_step + 1]) for j, (l, t) in enumerate(policy.guessed)]
+    assert len(policy.guessed) == per_step * (len(greedy.tokens) - 1)
+    assert policy.heard == expected
+    assert any(ok for _, ok in expected) and not all(ok for _, ok in expected)   # both verdicts occur
 
 
 def test_policy_specs_round_trip_and_bad_specs_are_refused():
