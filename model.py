@@ -161,12 +161,6 @@ def rope_inv_freq(args: ModelArgs):
     return torch.where(medium, blended, scaled)
 
 
-def rotate_half(x):
-    # Hugging Face layout: each head's dimensions are split in two halves, (x1, x2) -> (-x2, x1)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -329,12 +323,16 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.H * self.D, args.dim, bias=False)
 
     def project(self, x, cos, sin):
-        """q (B, T, H, D), k and v (B, H_kv, T, D) for rows x (B, T, dim), rotary applied."""
+        """q (B, T, H, D), k and v (B, H_kv, T, D) for rows x (B, T, dim), rotary applied
+        (cos and sin: (T, 1, D), from Transformer.new_cache)."""
         B, T, _ = x.shape
         H, H_kv, D = self.H, self.H_kv, self.D
         qk, v = self.wqkv(x).split([(H + H_kv) * D, H_kv * D], dim=-1)
         qk = qk.view(B, T, H + H_kv, D)
-        qk = qk * cos[:, None] + rotate_half(qk) * sin[:, None]     # rotary on q and k at once
+        # rotary on q and k at once. Hugging Face's layout splits each head's dimensions in two
+        # halves and rotates (x1, x2) -> (-x2, x1); rolling by D/2 swaps the halves, and the
+        # minus sign sits in `sin` (Transformer.new_cache), so this is one op, not three
+        qk = qk * cos + qk.roll(D // 2, dims=-1) * sin
         q, k = qk.split([H, H_kv], dim=2)
         return q, k.transpose(1, 2), v.view(B, T, H_kv, D).transpose(1, 2)
 
@@ -350,9 +348,9 @@ class Attention(nn.Module):
             # decoding: each row attends exactly as a one-row call would (the same kernel, on
             # the same keys, with the same strides), so a row's result never depends on which
             # other rows share the call (batch invariance), and no mask is needed
-            y = torch.stack([F.scaled_dot_product_attention(q[:, t].reshape(B, H_kv, G, D),
-                                                            k[:, :, :pos + t + 1], v[:, :, :pos + t + 1])
-                             for t in range(T)], dim=1)                       # (B, T, H_kv, G, D)
+            rows = [F.scaled_dot_product_attention(q[:, t].reshape(B, H_kv, G, D), k[:, :, :pos + t + 1],
+                                                   v[:, :, :pos + t + 1]) for t in range(T)]
+            y = torch.stack(rows, dim=1) if T > 1 else rows[0]               # (B, T, H_kv, G, D)
         else:
             # a long call (the prompt): one masked kernel, row t sees the cache and the rows up to itself
             t = torch.arange(T, device=q.device).repeat(G)
@@ -440,7 +438,9 @@ class Transformer(nn.Module):
             raise ValueError(f"{max_len} positions asked for, the model's context is {self.args.max_seq_len}")
         freqs = torch.outer(torch.arange(max_len, dtype=torch.float32, device=self.device), self.inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)                  # (S_max, D)
-        self.rope_cos, self.rope_sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        half = emb.shape[-1] // 2
+        sin = torch.cat((-emb[:, :half].sin(), emb[:, half:].sin()), dim=-1)   # rotate_half's sign (Attention.project)
+        self.rope_cos, self.rope_sin = emb.cos().to(self.dtype), sin.to(self.dtype)
         a = self.args
         return KVCache(a.n_layers, a.n_kv_heads, a.head_dim, max_len, self.dtype, self.device)
 
@@ -450,8 +450,8 @@ class Transformer(nn.Module):
     def run_layers(self, h, pos, cache, start=0, end=None):
         """Run layers start..end-1 on rows h (B, T, dim) that sit at positions pos..pos+T-1."""
         T = h.shape[1]
-        # (T, D) copies, not views: compiled code would specialise on where a view starts
-        cos, sin = self.rope_cos[pos:pos + T].clone(), self.rope_sin[pos:pos + T].clone()
+        # (T, 1, D) copies, not views: compiled code would specialise on where a view starts
+        cos, sin = self.rope_cos[pos:pos + T, None].clone(), self.rope_sin[pos:pos + T, None].clone()
         for i in range(start, self.args.n_layers if end is None else end):
             h = self.layers[i](h, pos, cache, i, cos, sin)
         return h
