@@ -289,15 +289,21 @@ def row_costs(model, heads, rows=(1, 2, 3, 4, 5, 6), context=300, repeats=7):
                 sync(m.device)
                 times.append(time.perf_counter() - t)
             cost[r] = sorted(times)[len(times) // 2] / L
-        x = h[0, -1]
-        calls = [("logits", lambda: m.logits(h[:, -1:]).argmax(-1).tolist())]
+        x, one = h[0, -1], h[:, -1:]
+        calls = [("logits", lambda i: m.logits(one).argmax(-1).tolist())]
         if heads is not None:
-            calls.append(("check", lambda: heads.check(heads.layers[0], x)))
+            calls.append(("check", lambda i: heads.check(heads.layers[i % len(heads.layers)], x)))
         for name, fn in calls:               # each ends in a host transfer, so the device has finished
             times = []
-            for _ in range(repeats * 3):
+            for i in range(repeats * 3):
+                # as in decoding, a whole token's weights have streamed through the CPU's caches
+                # since this call last ran: timed back to back, its weights cached, a check
+                # costs about half as much
+                cache.truncate(context)
+                m.run_layers(one, context, cache)
+                sync(m.device)
                 t = time.perf_counter()
-                fn()
+                fn(i)
                 times.append(time.perf_counter() - t)
             cost[name] = sorted(times)[len(times) // 2]
     return cost
