@@ -439,7 +439,7 @@ class Transformer(nn.Module):
         freqs = torch.outer(torch.arange(max_len, dtype=torch.float32, device=self.device), self.inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)                  # (S_max, D)
         half = emb.shape[-1] // 2
-        sin = torch.cat((-emb[:, :half].sin(), emb[:, half:].sin()), dim=-1)   # rotate_half's sign (Attention.project)
+        sin = torch.cat((-emb[:, :half].sin(), emb[:, half:].sin()), dim=-1)   # the sign of the half-rotation (Attention.project)
         self.rope_cos, self.rope_sin = emb.cos().to(self.dtype), sin.to(self.dtype)
         a = self.args
         return KVCache(a.n_layers, a.n_kv_heads, a.head_dim, max_len, self.dtype, self.device)
