@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 from exits import Threshold, from_spec
-from model import (InputError, Tokenizer, eos_ids, int8_unsupported, load_model, pack_float32, pack_unsupported,
-                   precision, prepare_default_model, quantize_int8)
+from model import (InputError, Tokenizer, eos_ids, int4_is_lossless, int4_unsupported, int8_unsupported, load_model,
+                   pack_float32, pack_unsupported, precision, prepare_default_model, quantize_int4, quantize_int8)
 
 DEFAULT_HEADS = "heads/smollm2-135m-instruct.safetensors"
-DTYPES = ["float32", "int8", "bfloat16", "float64"]
+DTYPES = ["float32", "int8", "int4", "bfloat16", "float64"]
 
 
 @dataclass
@@ -341,14 +341,18 @@ def check_device(device):
 
 def setup(model_dir, heads_path, device, dtype=None):
     """Load model, tokenizer and (when a path is given) heads; the default model is prepared
-    on first use. dtype None: int8 on the CPU where the model allows it (about twice
-    float32's speed there, and AdaDecode bit for bit int8 greedy: README, 'int8 on the
-    CPU'), else float32, packed for oneDNN on the CPU."""
+    on first use. dtype None, on the CPU where the model allows it: int4 for a model whose
+    weights are 4-bit already (int4 loses no more than int8 would: the default model,
+    converted from a 4-bit GGUF file), else int8; both about twice or three times float32's
+    speed, and AdaDecode bit for bit their greedy (README, 'int8 and int4 on the CPU').
+    Otherwise float32, packed for oneDNN on the CPU."""
     check_device(device)
     folder = model_dir or prepare_default_model()
     model = load_model(folder, dtype=dtype or torch.float32, device=device, pack=dtype is not None)
     if dtype is None:
-        if not int8_unsupported(model):
+        if not int4_unsupported(model) and int4_is_lossless(model):
+            quantize_int4(model)
+        elif not int8_unsupported(model):
             quantize_int8(model)
         elif not pack_unsupported(model):
             pack_float32(model)
@@ -422,8 +426,9 @@ def main(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--device", default=default_device(), help="cuda when available, else cpu")
     ap.add_argument("--dtype", choices=DTYPES,
-                    help="default: int8 on the CPU (weight-only int8 linear layers; AdaDecode bit for bit int8 "
-                         "greedy), float32 on a GPU; float32 gives the checkpoint's own numbers (README, 'int8')")
+                    help="default on the CPU: int4 for a model already stored in 4 bits (the default model), else "
+                         "int8 (weight-only quantised linear layers; AdaDecode bit for bit their greedy); float32 on "
+                         "a GPU; float32 gives the checkpoint's own numbers (README, 'int8 and int4')")
     ap.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     ap.add_argument("--stream", action="store_true", help="print verified text as it is confirmed")
     a = ap.parse_args(argv)

@@ -317,8 +317,9 @@ def main(argv=None):
     ap.add_argument("--max-pending", type=int, default=5)
     ap.add_argument("--device", default=default_device(), help="cuda when available, else cpu")
     ap.add_argument("--dtype", choices=DTYPES, nargs="+",
-                    help="default: int8 on the CPU, float32 on a GPU (README, 'int8'). Several (--dtype float32 "
-                         "int8): each runs every method, interleaved, against its own greedy")
+                    help="default: int4 on the CPU for a model stored in 4 bits (the default model), else int8; "
+                         "float32 on a GPU (README, 'int8 and int4'). Several (--dtype float32 int8 int4): each runs "
+                         "every method, interleaved, against its own greedy")
     ap.add_argument("--row-cost", action="store_true",
                     help="only measure the row-cost curve (1-8 rows per layer call, all layers) for this dtype and "
                          "device: a table in results.json and row_cost.png")

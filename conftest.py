@@ -32,9 +32,11 @@ def tiny_config(seed=0, n_layers=4, dim=32, n_heads=4, n_kv_heads=2, vocab=97, t
     return cfg
 
 
-def save_tiny_checkpoint(folder, cfg, seed=0, scale=1.0):
+def save_tiny_checkpoint(folder, cfg, seed=0, scale=1.0, four_bit=False):
     """A random Hugging Face LlamaForCausalLM or Qwen2ForCausalLM saved as a checkpoint folder.
-    `scale` widens the random weights so that tiny models make confident, varied predictions."""
+    `scale` widens the random weights so that tiny models make confident, varied predictions;
+    `four_bit` rounds the blocks' matrices to a 4-bit grid, as a checkpoint converted from a
+    Q4_1 GGUF file has them."""
     import transformers
     torch.manual_seed(seed)
     prefix = {"llama": "Llama", "qwen2": "Qwen2"}[cfg["model_type"]]
@@ -46,6 +48,10 @@ def save_tiny_checkpoint(folder, cfg, seed=0, scale=1.0):
                 p.copy_(1 + 0.1 * torch.randn_like(p))
             else:
                 p.copy_(torch.randn_like(p) * scale / p.shape[-1] ** 0.5)
+            if four_bit and name.startswith("model.layers") and p.dim() == 2:
+                g = p.view(p.shape[0], -1, 32)                  # 16 levels from each group's min to its max
+                lo, step = g.amin(-1, keepdim=True), (g.amax(-1, keepdim=True) - g.amin(-1, keepdim=True)) / 15
+                p.copy_((lo + step * ((g - lo) / step).round()).view(p.shape))
     hf.save_pretrained(folder)
     return hf
 

@@ -185,13 +185,15 @@ def test_cli_errors_exit_nonzero(tmp_path, capsys):
 
 
 def test_cli_json_greedy(real, capsys):
-    """The CLI decodes in float32 when asked, and by default in int8 on the CPU."""
+    """The CLI decodes in float32 or int8 when asked, and by default in int4 on the CPU (the
+    default model's weights are 4-bit already)."""
     folder, model, tok, eos = real
-    int8 = load_model(folder, dtype=torch.int8)
-    for flags, m in ((["--dtype", "float32"], model), ([], int8)):
+    int8, int4 = load_model(folder, dtype=torch.int8), load_model(folder, dtype=torch.int4)
+    for flags, m, want in ((["--dtype", "float32"], model, "float32"), (["--dtype", "int8"], int8, "int8"),
+                           ([], int4, "int4")):
         assert main(["--prompt", "What is 2+2?", "--max-new-tokens", "8", "--json", "--device", "cpu", *flags]) == 0
         row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        assert row["dtype"] == ("float32" if flags else "int8")
+        assert row["dtype"] == want
         assert row["prompt_tokens"] == tok.prompt_ids("What is 2+2?")
         assert row["tokens"] == generate_greedy(m, row["prompt_tokens"], 8, eos).tokens
         assert row["tokens_per_second"] > 0 and row["text"] == tok.decode(row["tokens"])
@@ -199,8 +201,8 @@ def test_cli_json_greedy(real, capsys):
 
 # --- torch.compile: fair to every method -------------------------------------------
 
-@pytest.mark.parametrize("int8", [False, True])
-def test_compiled_blocks_do_not_recompile_after_a_warm_up(int8):
+@pytest.mark.parametrize("quantized", [None, "int8", "int4"])
+def test_compiled_blocks_do_not_recompile_after_a_warm_up(quantized):
     """--compile compiles the same graphs for greedy (one row) and AdaDecode (several):
     after one warm-up of each, decoding other prompts, lengths and row counts compiles
     nothing more (dynamo's error_on_recompile), and the output is the eager output."""
@@ -208,13 +210,14 @@ def test_compiled_blocks_do_not_recompile_after_a_warm_up(int8):
     from adadecode import generate_ada
     from exits import Threshold
     from heads import ExitHeads
-    from model import quantize_int8
+    from model import quantize_int4, quantize_int8
     torch._dynamo.reset()
-    kw = dict(dim=64, ffn=128, n_heads=4, n_kv_heads=2, n_layers=4, vocab=61) if int8 else dict(n_layers=4)
+    kw = dict(dim=64, ffn=128, n_heads=4, n_kv_heads=2, n_layers=4, vocab=61) if quantized else dict(n_layers=4)
     eager = random_llama(5, dtype=torch.float32, **kw)
     model = random_llama(5, dtype=torch.float32, **kw)
-    if int8:
-        eager, model = quantize_int8(eager), quantize_int8(model)
+    if quantized:
+        quantize = quantize_int8 if quantized == "int8" else quantize_int4
+        eager, model = quantize(eager), quantize(model)
     model.compile_blocks(backend="eager")          # dynamo's graphs and guards, without code generation
     heads, eager_heads = ExitHeads(model, [1, 2, 3]), ExitHeads(eager, [1, 2, 3])
     generate_greedy(model, [1, 2, 3], 6)
@@ -250,19 +253,20 @@ def test_packed_linear_is_f_linear(out_f, in_f, rows, bias, seed):
 
 
 def test_float32_loads_packed_and_int8_never_silently_skips(tmp_path):
-    """load_model packs float32 on the CPU; the CLI's default picks int8 where the widths
-    allow it and packed float32 elsewhere; quantising a packed model is refused, not a no-op."""
+    """load_model packs float32 on the CPU; the CLI's default picks int4 for weights already
+    on a 4-bit grid, int8 for other weights where the widths allow it and packed float32
+    elsewhere; quantising a packed model is refused, not a no-op."""
     from adadecode import setup
-    from model import Int8Linear, PackedLinear, precision, quantize_int8
-    for dim, want in ((32, "float32"), (64, "int8")):
-        folder = tmp_path / str(dim)
-        save_tiny_checkpoint(folder, tiny_config(dim=dim, ffn=2 * dim, n_heads=4, n_kv_heads=2))
+    from model import Int4Linear, Int8Linear, PackedLinear, precision, quantize_int8
+    for dim, four_bit, want in ((32, False, "float32"), (64, False, "int8"), (64, True, "int4")):
+        folder = tmp_path / f"{dim}{'-q4' if four_bit else ''}"
+        save_tiny_checkpoint(folder, tiny_config(dim=dim, ffn=2 * dim, n_heads=4, n_kv_heads=2), four_bit=four_bit)
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(prepare_default_model() / name, folder / name)
         model = setup(str(folder), None, "cpu")[0]
         assert precision(model) == want
-        kinds = {type(m) for m in model.modules()} & {torch.nn.Linear, PackedLinear, Int8Linear}
-        assert kinds == ({PackedLinear} if want == "float32" else {Int8Linear})
+        kinds = {type(m) for m in model.modules()} & {torch.nn.Linear, PackedLinear, Int8Linear, Int4Linear}
+        assert kinds == {"float32": {PackedLinear}, "int8": {Int8Linear}, "int4": {Int4Linear, Int8Linear}}[want]
         assert not any(isinstance(m, PackedLinear) for m in load_model(folder, pack=False).modules())
     with pytest.raises(InputError, match="packed"):
         quantize_int8(load_model(tmp_path / "64"))

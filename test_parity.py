@@ -18,7 +18,8 @@ from adadecode import DEFAULT_HEADS, exit_policy, generate_ada, generate_greedy,
 from conftest import assert_close, random_llama
 from exits import Threshold
 from heads import ExitHeads, Guess
-from model import InputError, Int8Linear, load_model, quantize_int8
+from model import (InputError, Int4Linear, Int8Linear, block_linears, int4_grid, int4_is_lossless, load_model, precision,
+                   quantize_int4, quantize_int8, rounding_error)
 
 
 class AdversarialHeads:
@@ -185,15 +186,15 @@ def test_real_model_parity_with_shipped_heads(real):
     assert spec.stats.accepted > 0
 
 
-# --- int8: bit for bit, not only token for token ---------------------------------------
-# The int8 forward is batch-invariant: a row's result does not depend on how many rows
-# share its layer call. So AdaDecode's rows, deferred and batched, are bitwise greedy's.
+# --- int8 and int4: bit for bit, not only token for token ------------------------------
+# The quantised forwards are batch-invariant: a row's result does not depend on how many
+# rows share its layer call. So AdaDecode's rows, deferred and batched, are bitwise greedy's.
 
-def int8_llama(seed, n_layers, shape, ffn, vocab, max_pos=256, arch="llama"):
+def quantized_llama(seed, n_layers, shape, ffn, vocab, max_pos=256, arch="llama", bits=8):
     n_kv, group, head_dim = shape
     model = random_llama(seed, dtype=torch.float32, n_layers=n_layers, n_heads=n_kv * group, n_kv_heads=n_kv,
                          dim=n_kv * group * head_dim, ffn=ffn, vocab=vocab, max_pos=max_pos, arch=arch)
-    return quantize_int8(model)
+    return quantize_int8(model) if bits == 8 else quantize_int4(model)
 
 
 def scored_rows(model):
@@ -219,11 +220,12 @@ def scored_rows(model):
 
 
 @st.composite
-def int8_setups(draw):
+def quantized_setups(draw):
     n_layers = draw(st.integers(2, 5))
     shape = draw(st.sampled_from([(1, 1, 64), (1, 2, 32), (2, 2, 16), (1, 4, 16), (2, 1, 32), (4, 1, 16)]))
-    model = int8_llama(draw(st.integers(0, 10**6)), n_layers, shape, draw(st.sampled_from([64, 128, 192])),
-                       draw(st.sampled_from([5, 11, 61])), max_pos=1024, arch=draw(st.sampled_from(["llama", "qwen2"])))
+    model = quantized_llama(draw(st.integers(0, 10**6)), n_layers, shape, draw(st.sampled_from([64, 128, 192])),
+                            draw(st.sampled_from([5, 11, 61])), max_pos=1024, arch=draw(st.sampled_from(["llama", "qwen2"])),
+                            bits=draw(st.sampled_from([8, 4])))
     layers = sorted(draw(st.sets(st.integers(1, n_layers), min_size=1, max_size=n_layers)))
     n = draw(st.one_of(st.integers(1, 24), st.integers(250, 700)))   # long ones: attention splits its keys
     rnd = random.Random(draw(st.integers(0, 10**6)))
@@ -247,11 +249,11 @@ def assert_bitwise_equal_runs(model, run_greedy, run_ada):
     return ada
 
 
-@given(setup=int8_setups(), seed=st.integers(0, 10**6), noise=st.floats(0.0, 3.0), threshold=st.floats(0.0, 1.0),
+@given(setup=quantized_setups(), seed=st.integers(0, 10**6), noise=st.floats(0.0, 3.0), threshold=st.floats(0.0, 1.0),
        max_pending=st.integers(0, 8), max_new=st.integers(1, 32), adversarial=st.booleans())
-def test_int8_ada_is_bitwise_greedy(setup, seed, noise, threshold, max_pending, max_new, adversarial):
-    """Tokens, every layer's KV cache, and every verified row's final hidden state and
-    logits: torch.equal, with random or adversarial heads and any max_pending."""
+def test_quantized_ada_is_bitwise_greedy(setup, seed, noise, threshold, max_pending, max_new, adversarial):
+    """int8 or int4: tokens, every layer's KV cache, and every verified row's final hidden
+    state and logits: torch.equal, with random or adversarial heads and any max_pending."""
     model, layers, prompt = setup
     heads = (AdversarialHeads(layers, model.args.vocab_size, seed=seed) if adversarial
              else random_heads(model, layers, seed, noise))
@@ -260,12 +262,12 @@ def test_int8_ada_is_bitwise_greedy(setup, seed, noise, threshold, max_pending, 
                                                    max_pending=max_pending))
 
 
-@given(seed=st.integers(0, 10**6), pos=st.integers(0, 700), rows=st.integers(2, 16))
-def test_int8_layer_calls_are_batch_invariant(seed, pos, rows):
+@given(seed=st.integers(0, 10**6), pos=st.integers(0, 700), rows=st.integers(2, 16), bits=st.sampled_from([8, 4]))
+def test_quantized_layer_calls_are_batch_invariant(seed, pos, rows, bits):
     """One call on `rows` rows equals `rows` one-row calls, bit for bit, at every layer,
     at cache lengths long enough for attention kernels to split their keys into blocks
     (one masked multi-row call differs from one-row calls at some of them)."""
-    model = int8_llama(seed, 3, (1, 2, 32), 128, 61, max_pos=1024)
+    model = quantized_llama(seed, 3, (1, 2, 32), 128, 61, max_pos=1024, bits=bits)
     h = torch.randn(1, pos + rows, 64, generator=torch.Generator().manual_seed(seed))
     with torch.inference_mode():
         a, b = model.new_cache(pos + rows), model.new_cache(pos + rows)
@@ -290,11 +292,47 @@ def test_int8_is_close_to_float32_and_refuses_what_it_cannot_run():
         quantize_int8(fake)
 
 
-def test_real_model_int8_is_bitwise_greedy(real):
+def test_int4_recovers_a_4_bit_grid_and_refuses_what_it_cannot_run():
+    """Weights already on a 4-bit grid of 32-input groups (as a Q4_1 or Q4_K GGUF file stores
+    them) come back up to bfloat16's rounding of scale and zero, closer than int8 gets; the
+    kernel's own product agrees; ordinary weights lose about 8%, and int4_is_lossless tells
+    the two apart. Shapes the kernel cannot take are refused with a one-line reason."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 128, generator=g)
+    q, scale, zero = int4_grid(w)
+    assert q.min() >= 0 and q.max() <= 15
+    lo = torch.randn(96, 4, 1, generator=g)
+    step = torch.rand(96, 4, 1, generator=g) + 0.1
+    grid = (lo + step * torch.randint(0, 16, (96, 4, 32), generator=g)).view(96, 128)
+    grid.view(96, 4, 32)[:, :, 0], grid.view(96, 4, 32)[:, :, 1] = lo[..., 0], (lo + 15 * step)[..., 0]  # both ends used
+    assert rounding_error(grid, 4) < 0.01 < rounding_error(w, 4) < 0.12
+    assert rounding_error(grid, 4) < rounding_error(grid, 8) and rounding_error(w, 8) < rounding_error(w, 4)
+    x = torch.randn(5, 128, generator=g)
+    for weight, tol in ((grid, 0.01), (w, 0.12)):                # bfloat16 activations add about 0.3%
+        ref, got = x @ weight.T, Int4Linear(weight)(x)
+        assert (got - ref).norm() / ref.norm() < tol
+    model = random_llama(3, dtype=torch.float32, dim=64, ffn=128, n_heads=4, n_kv_heads=2)
+    assert not int4_is_lossless(model)
+    with torch.no_grad():
+        for m in block_linears(model):
+            m.weight.copy_(grid[:m.out_features].repeat(m.out_features // 96 + 1, m.in_features // 128 + 1)
+                           [:m.out_features, :m.in_features])
+    assert int4_is_lossless(model)
+    assert precision(quantize_int4(model)) == "int4" and isinstance(model.output, Int8Linear)
+    with pytest.raises(InputError, match="multiple of 16 outputs"):
+        quantize_int4(random_llama(3, dtype=torch.float32, dim=64, ffn=100, n_heads=4, n_kv_heads=2))
+    with pytest.raises(InputError, match="multiple of 64"):
+        quantize_int4(random_llama(3, dtype=torch.float32, dim=32))
+    with pytest.raises(InputError, match="CPU only"):
+        quantize_int4(SimpleNamespace(device=torch.device("cuda")))
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int4])
+def test_real_model_quantized_is_bitwise_greedy(real, dtype):
     folder = real[0]
     tok, eos = real[2], real[3]
-    model = load_model(folder, dtype=torch.int8)
-    heads = ExitHeads.load(DEFAULT_HEADS, model)                  # float32-trained heads fit the int8 model
+    model = load_model(folder, dtype=dtype)
+    heads = ExitHeads.load(DEFAULT_HEADS, model)                  # float32-trained heads fit the quantised model
     for text in REAL_PROMPTS[:3]:
         ids = tok.prompt_ids(text)
         ada = assert_bitwise_equal_runs(model, lambda: generate_greedy(model, ids, 48, eos),

@@ -33,8 +33,8 @@ from tqdm import tqdm
 
 from adadecode import check_device, default_device, read_prompts
 from heads import ExitHeads
-from model import (InputError, Tokenizer, default_model_dir, eos_ids, int8_unsupported, load_model,
-                   prepare_default_model, quantize_int8, resolve_checkpoint)
+from model import (InputError, Tokenizer, default_model_dir, eos_ids, int4_unsupported, int8_unsupported, load_model,
+                   prepare_default_model, quantize_int4, quantize_int8, resolve_checkpoint)
 
 CODE_REQUEST = "Complete the following Python function.\n\n```python\n{code}```"
 STDLIB_MODULES = ["string", "textwrap", "json", "posixpath", "shutil", "glob", "fnmatch", "heapq", "bisect",
@@ -358,9 +358,9 @@ def main(argv=None):
                     help="default prompts only: code requests alone, or with math, summarisation, chat and translation")
     ap.add_argument("--ce", type=float, default=0.0, help="weight of a cross-entropy term on the final layer's top-1")
     ap.add_argument("--device", help="where to train: cuda when available, else cpu")
-    ap.add_argument("--dtype", choices=["float32", "int8"], default="float32",
-                    help="the model the held-out evaluation runs on; the heads always train on float32 (int8: the "
-                         "check as the CPU default runs it)")
+    ap.add_argument("--dtype", choices=["float32", "int8", "int4"], default="float32",
+                    help="the model the held-out evaluation runs on; the heads always train on float32 (int8, int4: "
+                         "the check as the CPU's quantised models run it)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="heads/smollm2-135m-instruct.safetensors")
     a = ap.parse_args(argv)
@@ -376,15 +376,16 @@ def main(argv=None):
         if not os.access(parent, os.W_OK | os.X_OK):
             raise InputError(f"--out {a.out}: {parent} is not writable (checked now, before training)")
         a.device = str(check_device(a.device or default_device()))
-        if a.dtype == "int8" and a.device != "cpu":
-            raise InputError("--dtype int8 evaluates on the CPU only (give --device cpu)")
+        if a.dtype != "float32" and a.device != "cpu":
+            raise InputError(f"--dtype {a.dtype} evaluates on the CPU only (give --device cpu)")
         torch.manual_seed(a.seed)
         folder = resolve_checkpoint(a.model) if a.model else prepare_default_model()
         model, tok = load_model(folder, device=a.device), Tokenizer(folder)
-        q = load_model(folder, pack=False) if a.dtype == "int8" else None     # quantised for the evaluation
-        why = q is not None and int8_unsupported(q)
+        q = load_model(folder, pack=False) if a.dtype != "float32" else None     # quantised for the evaluation
+        quantize, unsupported = (quantize_int8, int8_unsupported) if a.dtype == "int8" else (quantize_int4, int4_unsupported)
+        why = q is not None and unsupported(q)
         if why:
-            raise InputError(f"--dtype int8: {why}")
+            raise InputError(f"--dtype {a.dtype}: {why}")
         L = model.args.n_layers
         a.layers = a.layers or sorted({max(1, round(L * f)) for f in (0.25, 0.5, 0.75)})
         heads = ExitHeads(model, a.layers)
@@ -447,12 +448,12 @@ def main(argv=None):
         table, points = evaluate(heads, ho_feats, ho_final)
         print("held-out evaluation, untrained (identity = logit lens):\n" + format_table(before))
         print("held-out evaluation, trained:\n" + format_table(table))
-        if a.dtype == "int8":              # the same heads, checked as the int8 engine checks them
-            q = quantize_int8(q)
+        if q is not None:              # the same heads, checked as the quantised engine checks them
+            q = quantize(q)
             q_heads = ExitHeads(q, heads.layers, heads.T.detach()).set_shortlist(
                 None if heads.shortlist is None else heads.shortlist.tolist())
             table, points = evaluate(q_heads, *collect_features(q, heads.layers, held))
-            print("held-out evaluation, trained, on the int8 model:\n" + format_table(table))
+            print(f"held-out evaluation, trained, on the {a.dtype} model:\n" + format_table(table))
         out = Path(a.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         plot = out.with_suffix(".calibration.png")
