@@ -91,8 +91,17 @@ def test_damaged_checkpoints_get_one_line(tiny, tmp_path, capsys, name, content,
 
 def test_a_whole_checkpoint_still_loads(tiny, capsys):
     assert main(["--model", str(tiny), "--prompt", "hi", "--max-new-tokens", "3", "--dtype", "float32"]) == 0
-    assert main(["--model", str(tiny), "--prompt", "hi", "--max-new-tokens", "3"]) == 0   # int8 by default
+    assert main(["--model", str(tiny), "--prompt", "hi", "--max-new-tokens", "3"]) == 0   # the default dtype
     check_safetensors(tiny / "model.safetensors")
+
+
+def test_a_dtype_the_model_cannot_take_is_one_line(tiny, capsys):
+    """The tiny model's MLP is 136 wide: neither kernel takes it, so the default falls back
+    to float32 and asking for int8 or int4 is refused in one line, not a crash in a kernel."""
+    for dtype, message in (("int8", "multiple of 64"), ("int4", "multiple of 16 outputs and of 32 inputs")):
+        assert main(["--model", str(tiny), "--prompt", "hi", "--max-new-tokens", "2", "--dtype", dtype]) == 2
+        err = one_line_error(capsys)
+        assert f"--dtype {dtype}" in err and message in err
 
 
 # --- flags, prompt files, devices --------------------------------------------------
