@@ -173,6 +173,14 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(xf, xf.shape[-1:], eps=self.eps).to(x.dtype)
 
 
+def int8_grid(weight):
+    """weight (N, K) as int8 values in -127..127 times one bfloat16 scale per output row
+    (the kernel's scale dtype): (wq, scale)."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-30).to(torch.bfloat16)
+    return (w / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+
+
 class Int8Linear(nn.Module):
     """A bias-free linear layer with weight-only int8 quantisation: W ~= Wq * scale, one
     scale per output row. The CPU kernel takes bfloat16 activations, so x is rounded to
@@ -183,9 +191,8 @@ class Int8Linear(nn.Module):
 
     def __init__(self, weight, bias=None):
         super().__init__()
-        w = weight.detach().float()
-        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-30).to(torch.bfloat16)   # the kernel's scale dtype
-        self.register_buffer("wq", (w / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8))
+        wq, scale = int8_grid(weight)
+        self.register_buffer("wq", wq)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().float())   # added in float32
 
@@ -205,7 +212,7 @@ class Int8Linear(nn.Module):
 def int4_grid(weight, group=32):
     """Round each group of `group` consecutive inputs of each row of weight (N, K) to 16
     levels of its own: W ~= (q - 8) * scale + zero, q in 0..15, scale and zero (N, K/group)
-    in bfloat16, as Int4Linear's kernel reads them. The grid spans the group's min to max,
+    rounded to bfloat16, as Int4Linear's kernel reads them. The grid spans the group's min to max,
     which is how a 4-bit GGUF file (Q4_1, Q4_K) stores weights: a checkpoint converted
     from one already sits on this grid, and rounding to it finds it again."""
     w = weight.detach().float()
@@ -223,8 +230,8 @@ def rounding_error(weight, bits):
     group of 32 inputs), the way Int8Linear and Int4Linear store it."""
     w = weight.detach().float()
     if bits == 8:
-        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-30).to(torch.bfloat16).float()[:, None]
-        approx = (w / scale).round().clamp(-127, 127) * scale
+        wq, scale = int8_grid(w)
+        approx = wq.float() * scale.float()[:, None]
     else:
         q, scale, zero = int4_grid(w)
         n, k = w.shape
