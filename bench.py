@@ -348,7 +348,7 @@ def main(argv=None):
         check_writable_folder(Path(a.out), "--out")
         check_device(a.device)
         prompts = (read_prompts(a.prompts) if a.prompts else humaneval_prompts())[:a.n]
-        # the default: int4 or int8 on the CPU where the model allows it (adadecode.setup), else float32 (transformers' comparison: float32)
+        # the default: int4 or int8 on the CPU where the model allows it, else float32 (--compare-hf: float32)
         dtypes = list(dict.fromkeys(a.dtype or (["float32"] if a.compare_hf else ["default"])))
         if a.compare_hf and dtypes != ["float32"]:
             raise InputError("--compare-hf times transformers' float32 greedy; run it with --dtype float32 alone")
