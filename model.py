@@ -241,10 +241,10 @@ def rounding_error(weight, bits):
 
 class Int4Linear(nn.Module):
     """A linear layer with weight-only 4-bit quantisation: every group of 32 inputs of a
-    row on its own 16-level grid (int4_grid), packed two to a byte for the CPU kernel.
-    Half of int8's bytes, the same bfloat16 rounding at the input and float32 around it,
-    and the same guarantee: a row's result is bit-identical whatever the number of rows
-    in the call. Lossy for ordinary weights (about 8% error, int8's is about 1%), lossless
+    row on its own 16-level grid (int4_grid), packed two to a byte for the CPU kernel:
+    five eighths of int8's bytes with the scales and zeros. The same bfloat16 rounding at
+    the input and float32 around it, and the same guarantee: a row's result is
+    bit-identical whatever the number of rows in the call. Lossy for ordinary weights (about 8% error, int8's is about 1%), lossless
     up to bfloat16's rounding of the grid for weights that were 4-bit already (the default
     model's: 0.2%). The kernel needs N a multiple of 16 and K of 32."""
 
