@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from exits import Threshold, from_spec
+from exits import Threshold, from_spec, in_context, lookup
 from model import (InputError, Tokenizer, eos_ids, int4_is_lossless, int4_unsupported, int8_unsupported, load_model,
                    pack_float32, pack_unsupported, precision, prepare_default_model, quantize_int4, quantize_int8)
 
@@ -192,12 +192,14 @@ def generate_ada(model, heads, prompt, max_new_tokens, eos=(), threshold=0.75, m
         can_exit = not finished and pos - cache.lengths[L - 1] < max_pending
         rehearsed = []                                # would-be exits the policy only scores: (layer, token);
                                                       # dropped unheard if a later head exits for real
+        found = None                                  # what the context says comes next (at the first check)
         while layer < L:
             # deferred rows join the batch at exactly the layer they need next
             if deferred and deferred[-1].frontier == layer:
                 h = torch.cat([deferred.pop().h, h], dim=1)
             if layer in exit_layers and can_exit and policy.active(layer):
-                guess = heads.check(layer, h[0, -1])        # only the newest row decides
+                found = found or lookup(list(prompt) + out)
+                guess = in_context(heads.check(layer, h[0, -1]), found)   # only the newest row decides
                 stats.head_checks += 1
                 stats.host_syncs += 1
                 if policy.exit(layer, guess):

@@ -7,7 +7,7 @@ the same way in the real loop:
 
     policy.reset()               a new generation starts
     policy.active(layer)         is the head after `layer` worth checking now? (a check costs time)
-    policy.exit(layer, guess)    exit with guess.token?  (guess: heads.Guess)
+    policy.exit(layer, guess)    exit with guess.token?  (guess: heads.Guess, with its context: in_context)
     policy.dry(layer)            only rehearse that exit? (scored against the final layer, not taken)
     policy.observe(layer, ok)    the verdict on an early token from `layer`, or on a rehearsed one
 
@@ -21,7 +21,37 @@ import math
 
 from model import InputError
 
-FEATURES = ("p1", "margin", "entropy", "lse")      # what Logistic reads from a Guess, in this order
+FEATURES = ("p1", "margin", "entropy", "lse", "echo", "clash")   # what Logistic reads from a Guess, in this order
+LONGEST = 4                                     # the longest repeated suffix lookup() looks for
+
+
+def lookup(tokens, longest=LONGEST):
+    """What the context says comes next (prompt lookup): find the most recent earlier place
+    where the context's last k tokens occurred, for the largest k <= `longest` that occurs,
+    and return (the token that followed them there, k); (None, 0) if the last token is new.
+    On code a head's guess that equals this token is right far more often than its
+    probability alone says (README, "Choosing exits"). One pass over the context."""
+    n, best, k_best = len(tokens), None, 0
+    for s in range(n - 2, -1, -1):                # s: the last token of an earlier occurrence
+        if tokens[s] != tokens[-1]:
+            continue
+        k = 1
+        while k < longest and k <= s and tokens[s - k] == tokens[n - 1 - k]:
+            k += 1
+        if k > k_best:
+            best, k_best = tokens[s + 1], k
+            if k == longest:
+                break
+    return best, k_best
+
+
+def in_context(guess, found):
+    """The guess with its context features, from found = lookup(the tokens so far): echo = k
+    when the guess is the token the context predicts, clash = k when it predicts another."""
+    token, k = found
+    if token is None:
+        return guess
+    return guess._replace(echo=k, clash=0) if guess.token == token else guess._replace(echo=0, clash=k)
 
 
 def _per_layer(value, what):
@@ -69,14 +99,17 @@ class Threshold:
 
 class Logistic:
     """A tiny classifier per head: P(the final layer will agree) = sigmoid(w . [1, p1, margin,
-    entropy, lse]), fitted on recorded traces (`simulate.py fit`); exit when it reaches the
-    head's threshold. It corrects what the shortlist softmax overstates: a confident-looking
-    guess whose logits are all low (small lse) has mass outside the shortlist."""
+    entropy, lse, echo, clash]), fitted on recorded traces (`simulate.py fit`); exit when it
+    reaches the head's threshold. It corrects what the shortlist softmax overstates (a
+    confident-looking guess whose logits are all low, small lse, has mass outside the
+    shortlist) and hears the context: a guess that repeats what followed the last few
+    tokens before (echo) is usually right, one that contradicts it (clash) often wrong.
+    Weights for the first four features only (an older heads file) leave the context out."""
 
     def __init__(self, weights, threshold):
         self.weights = {int(l): [float(x) for x in w] for l, w in weights.items()}
-        if any(len(w) != 1 + len(FEATURES) for w in self.weights.values()):
-            raise InputError(f"logistic weights need {1 + len(FEATURES)} numbers per head")
+        if any(len(w) not in (5, 1 + len(FEATURES)) for w in self.weights.values()):
+            raise InputError(f"logistic weights need {1 + len(FEATURES)} numbers per head (or 5, without the context)")
         self.threshold = _per_layer(threshold, "threshold")
 
     def _t(self, layer):

@@ -40,6 +40,8 @@ class Guess(NamedTuple):
     p2: float          # top-2 probability
     entropy: float     # of the head's distribution, in nats
     lse: float         # log-sum-exp of the logits: low when little mass sits on the shortlist
+    echo: int = 0      # filled in by the loop from the context, not by the head (exits.in_context):
+    clash: int = 0     # the guess repeats (echo) or contradicts (clash) what followed the last k tokens before
 
     @property
     def margin(self):

@@ -2,8 +2,8 @@
 An exit-policy simulator: AdaDecode's schedule for any exit policy, replayed in about a
 second from greedy decoding's trace, recorded once.
 
-A trace holds, per prompt, greedy's tokens and, for every generated position and every
-head, the head's Guess (token and confidence features). A replay runs the *real*
+A trace holds, per prompt, the prompt's and greedy's tokens and, for every generated
+position and every head, the head's Guess (token and confidence features). A replay runs the *real*
 `generate_ada` loop with the model and the heads replaced by lookups into the trace, so
 the schedule (exits, max_pending, joins, verification, rollbacks, the policy's feedback)
 and the Stats are the ones the real loop computes: there is no second copy of the loop.
@@ -31,7 +31,7 @@ from types import SimpleNamespace
 
 import torch
 
-from exits import FEATURES, Guard, Logistic, Threshold
+from exits import FEATURES, Guard, Logistic, Threshold, in_context, lookup
 from heads import ExitHeads, Guess
 from kvcache import KVCache
 from model import ROW_BY_ROW, InputError, precision, resolve_checkpoint
@@ -40,7 +40,7 @@ from model import ROW_BY_ROW, InputError, precision, resolve_checkpoint
 @dataclass
 class Trace:
     """Greedy decoding of one prompt, seen by the heads."""
-    prompt_len: int
+    prompt: list                  # the prompt's token ids
     tokens: list                  # greedy's generated tokens (the first comes from the prefill)
     max_new_tokens: int           # the budget of the run the trace stands for
     eos: list
@@ -48,14 +48,23 @@ class Trace:
     branches: dict = field(default_factory=dict)   # (first wrong position, branch tokens) -> {layer: Guess}
     category: str = ""
 
+    @property
+    def prompt_len(self):
+        return len(self.prompt)
+
+    def in_context(self, j, layer):
+        """The head's guess on the row of tokens[j], with what the context up to there says
+        comes next (exits.in_context), as the loop sees it on greedy's path."""
+        return in_context(self.guesses[j][layer], lookup(self.prompt + self.tokens[:j + 1]))
+
     def to_json(self):
-        return {"prompt_len": self.prompt_len, "tokens": self.tokens, "max_new_tokens": self.max_new_tokens,
+        return {"prompt": self.prompt, "tokens": self.tokens, "max_new_tokens": self.max_new_tokens,
                 "eos": sorted(self.eos), "guesses": [{str(l): list(g) for l, g in row.items()} for row in self.guesses],
                 "category": self.category}
 
     @classmethod
     def from_json(cls, d):
-        return cls(d["prompt_len"], d["tokens"], d["max_new_tokens"], d["eos"],
+        return cls(d["prompt"], d["tokens"], d["max_new_tokens"], d["eos"],
                    [{int(l): Guess(int(g[0]), *g[1:]) for l, g in row.items()} for row in d["guesses"]],
                    category=d.get("category", ""))
 
@@ -171,7 +180,7 @@ def replay(traces, layers, n_layers, max_seq_len, policy, max_pending=5, branch=
         policy = Oracle(ref)
     for t in traces:
         r = ref[0] = Replay(t, layers, n_layers, max_seq_len, branch)
-        res = generate_ada(r, r, list(range(t.prompt_len)), t.max_new_tokens, set(t.eos), policy=policy,
+        res = generate_ada(r, r, t.prompt, t.max_new_tokens, set(t.eos), policy=policy,
                            max_pending=max_pending)
         if res.tokens != t.tokens:
             raise AssertionError("a replay did not reproduce greedy's tokens")   # cannot happen: verification
@@ -241,7 +250,7 @@ class Recorder:
         if keep < len(tokens):
             tokens, max_new_tokens = tokens[:keep], keep
         guesses = [{l: rows[l][j] for l in self.layers} for j in range(len(tokens))]
-        t = Trace(n, list(tokens), max_new_tokens, sorted(eos), guesses)
+        t = Trace(list(prompt), list(tokens), max_new_tokens, sorted(eos), guesses)
         self._prefix[id(t)] = prompt + list(tokens)
         return t
 
@@ -313,13 +322,13 @@ def row_costs(model, heads, rows=(1, 2, 3, 4, 5, 6), context=300, repeats=7):
 
 def fit_logistic(traces, layers, l2=1e-3, steps=200):
     """Per head: logistic regression of "the head's guess is greedy's next token" on the
-    guess's features, over every greedy-path position of the traces."""
+    guess's features (its context's included), over every greedy-path position of the traces."""
     weights = {}
     for l in layers:
         X, y = [], []
         for t in traces:
             for j in range(len(t.tokens) - 1):
-                g = t.guesses[j][l]
+                g = t.in_context(j, l)
                 X.append([1.0] + [getattr(g, f) for f in FEATURES])
                 y.append(float(g.token == t.tokens[j + 1]))
         X, y = torch.tensor(X, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
@@ -371,7 +380,7 @@ def operating_point(traces, policy, layers):
         sure = right = n = 0
         for t in traces:
             for j in range(len(t.tokens) - 1):
-                g = t.guesses[j][l]
+                g = t.in_context(j, l)
                 n += 1
                 if policy.active(l) and policy.exit(l, g):
                     sure += 1
@@ -410,7 +419,7 @@ def traces_for(rec, tok, folder, heads_path, prompts, max_new_tokens, raw=False)
     ids = [tok.prompt_ids(p["prompt"], raw=raw) for p in prompts]
     resp = generate_responses(folder, ids, max_new_tokens, response_cache(folder, max_new_tokens))
     hkey = hashlib.sha256(Path(heads_path).read_bytes()).hexdigest()[:8]
-    key = hashlib.sha256(json.dumps([ids, hkey, max_new_tokens, precision(rec.model), 4]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([ids, hkey, max_new_tokens, precision(rec.model), 5]).encode()).hexdigest()[:12]
     return load_traces(rec, list(zip(ids, resp)), max_new_tokens, eos_ids(rec.model, tok),
                        response_cache(folder).parent / f"traces-{key}.jsonl", [p.get("category", "") for p in prompts])
 
@@ -516,7 +525,7 @@ def main(argv=None):
         if a.fit:
             w = fit_logistic(sets["train"], rec.layers)
             key = "ideal_speedup" if a.objective == "ideal" else "predicted_speedup"
-            obj = lambda th: run(Logistic(w, _drop_none(th)))[key]
+            obj = lambda th: run(Guard(Logistic(w, _drop_none(th)), L))[key]     # the policy as it will run
             th, score = choose_thresholds(obj, rec.layers)
             policy = Guard(Logistic(w, _drop_none(th)), L)
             print_row(f"fitted: logistic {th}", run(Logistic(w, _drop_none(th))))

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from adadecode import generate_ada, generate_greedy
-from exits import Guard, Logistic, Threshold, from_spec
+from exits import FEATURES, Guard, Logistic, Threshold, from_spec, in_context, lookup
 from heads import Guess
 from model import InputError
 from simulate import Recorder, choose_thresholds, figures, fit_logistic
@@ -30,7 +30,8 @@ def policies(draw, layers, n_layers):
     threshold = {l: draw(t) for l in layers if draw(st.booleans())} if per_layer else draw(t)
     if kind == "logistic":
         w = st.floats(-4.0, 4.0)
-        policy = Logistic({l: [draw(w) for _ in range(5)] for l in layers}, threshold)
+        n = draw(st.sampled_from([5, 1 + len(FEATURES)]))           # without or with the context features
+        policy = Logistic({l: [draw(w) for _ in range(n)] for l in layers}, threshold)
     else:
         policy = Threshold(threshold, kind)
     if draw(st.booleans()):
@@ -203,3 +204,66 @@ def test_a_response_made_elsewhere_is_cut_or_regenerated():
     assert rec.record([4, 2], other, 20, set()).tokens == greedy[:5]
     full = rec.record([4, 2], other, 20, set(), regenerate=True)
     assert full.tokens == greedy and len(full.guesses) == len(greedy)
+
+
+@given(tokens=st.lists(st.integers(0, 3), min_size=1, max_size=40), longest=st.integers(1, 6))
+def test_lookup_finds_the_longest_most_recent_repeat(tokens, longest):
+    """lookup() against its definition, written the slow way: for the largest k <= longest
+    whose last-k suffix occurs earlier, the token after its most recent earlier occurrence."""
+    n = len(tokens)
+    want = (None, 0)
+    for k in range(min(longest, n - 1), 0, -1):
+        ends = [e for e in range(k, n) if tokens[e - k:e] == tokens[n - k:]]    # e: the token after an occurrence
+        if ends:
+            want = (tokens[max(ends)], k)
+            break
+    assert lookup(tokens, longest) == want
+    g = Guess(2, 0.9, 0.05, 0.3, 2.0)
+    c = in_context(g, want)
+    assert c[:5] == g[:5]
+    assert (c.echo, c.clash) == ((0, 0) if want[0] is None else (want[1], 0) if want[0] == 2 else (0, want[1]))
+
+
+def test_the_context_moves_the_classifier():
+    """A Logistic policy reads echo and clash: the same head output exits when it repeats
+    what the context predicts and stays when it contradicts it; weights for the first four
+    features only (an older heads file) ignore the context."""
+    g = Guess(7, 0.6, 0.3, 1.0, 3.0)
+    context = [1, 2, 3, 7, 9, 1, 2, 3]          # after 1 2 3 came 7: k = 3
+    pol = Logistic({4: [-1.0, 1.0, 0, 0, 0, 1.0, -1.0]}, 0.5)
+    assert pol.exit(4, in_context(g, lookup(context)))
+    assert not pol.exit(4, in_context(g._replace(token=8), lookup(context)))
+    assert not pol.exit(4, g)
+    old = Logistic({4: [-1.0, 1.0, 0, 0, 0]}, 0.5)
+    assert old.prob(4, in_context(g, lookup(context))) == old.prob(4, g)
+
+
+def test_a_replay_sees_the_context_the_real_loop_sees():
+    """The loop hands the policy each guess with its context features; a replay of the
+    trace hands it the same ones, the prompt's repeats included."""
+    from conftest import random_llama
+
+    class Heard(Threshold):
+        def reset(self):
+            self.heard = []
+
+        def exit(self, layer, guess):
+            self.heard.append((layer, guess.echo, guess.clash))
+            return super().exit(layer, guess)
+
+    model = random_llama(4, n_layers=4, vocab=11)
+    heads = random_heads(model, [1, 2, 3], seed=2, noise=1.0)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4, 6, 2, 6, 4, 3]
+    real_policy, sim_policy = Heard(0.6), Heard(0.6)
+    real = generate_ada(model, heads, prompt, 30, policy=real_policy)
+    rec = Recorder(model, heads)
+    trace = rec.record(prompt, generate_greedy(model, prompt, 30).tokens, 30, set())
+    sim, _ = rec.replay([trace], sim_policy, exact=True)
+    assert stats_dict(sim[0]) == stats_dict(real.stats)
+    assert sim_policy.heard == real_policy.heard
+    assert any(e or c for _, e, c in real_policy.heard)
+    never = Heard(1.0)
+    never.exit = lambda layer, guess: Heard.exit(never, layer, guess) and False    # listens, never exits
+    greedy = generate_ada(model, heads, prompt, 30, policy=never)
+    assert never.heard == [(l, trace.in_context(j, l).echo, trace.in_context(j, l).clash)
+                           for j in range(len(greedy.tokens) - 1) for l in (1, 2, 3)]   # what the fit reads
