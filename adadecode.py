@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from exits import Threshold, from_spec, in_context, lookup
+from exits import CONTEXT, Threshold, context_guess, from_spec, in_context, lookup
 from model import (InputError, Tokenizer, eos_ids, int4_is_lossless, int4_unsupported, int8_unsupported, load_model,
                    pack_float32, pack_unsupported, precision, prepare_default_model, quantize_int4, quantize_int8)
 
@@ -161,7 +161,8 @@ def generate_ada(model, heads, prompt, max_new_tokens, eos=(), threshold=0.75, m
     budget = token_budget(model, prompt, max_new_tokens)
     cache = model.new_cache(len(prompt) + budget)
     stats = Stats(n_layers=L, trace=[] if trace else None)
-    exit_layers = [l for l in heads.layers if l < L]   # at layer L the final head itself decides
+    exit_layers = [CONTEXT] + [l for l in heads.layers if l < L]   # at layer L the final head itself decides;
+                                                      # at 0 the context does, if the policy names it
     t0 = time.perf_counter()
     out = [prefill(model, cache, prompt)]             # generated tokens, the last ones maybe unverified
     stats.host_syncs += 1
@@ -199,10 +200,13 @@ def generate_ada(model, heads, prompt, max_new_tokens, eos=(), threshold=0.75, m
                 h = torch.cat([deferred.pop().h, h], dim=1)
             if layer in exit_layers and can_exit and policy.active(layer):
                 found = found or lookup(list(prompt) + out)
-                guess = in_context(heads.check(layer, h[0, -1]), found)   # only the newest row decides
-                stats.head_checks += 1
-                stats.host_syncs += 1
-                if policy.exit(layer, guess):
+                if layer == CONTEXT:                        # no layer has run: the context guesses, free
+                    guess = context_guess(found)
+                else:
+                    guess = in_context(heads.check(layer, h[0, -1]), found)   # only the newest row decides
+                    stats.head_checks += 1
+                    stats.host_syncs += 1
+                if guess is not None and policy.exit(layer, guess):
                     if policy.dry(layer):                   # a switched-off head's re-probe: scored, not taken
                         rehearsed.append((layer, guess.token))
                     else:                                   # exit: emit now, park every row here

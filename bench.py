@@ -256,13 +256,14 @@ def plots(out, summary, trace, thresholds, n_layers, heads_layers):
         files.append("threshold_sweep.png")
     # distribution of the layer each verified token was decided at (early exits vs the full model)
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for label in [k for k in summary if k.startswith("ada")][:3]:
+    labels = [k for k in summary if k.startswith("ada")][:3]
+    exits = ([0] if any(summary[k]["early_rate_per_layer"].get("0") for k in labels) else []) + heads_layers
+    for label in labels:
         rate = summary[label]["early_rate_per_layer"]
-        xs = heads_layers + [n_layers]
-        ys = [rate.get(str(l), 0.0) for l in heads_layers]
-        ax.bar([str(x) + ("\n(full)" if x == n_layers else "") for x in xs], ys + [max(0.0, 1 - sum(ys))],
-               alpha=0.6, label=label)
-    ax.set_xlabel("head layer (last bar: the rest, decided by the full model)")
+        ys = [rate.get(str(l), 0.0) for l in exits]
+        names = [str(x) + ("\n(context)" if x == 0 else "\n(full)" if x == n_layers else "") for x in exits + [n_layers]]
+        ax.bar(names, ys + [max(0.0, 1 - sum(ys))], alpha=0.6, label=label)
+    ax.set_xlabel("exit layer (last bar: the rest, decided by the full model)")
     ax.set_ylabel("early tokens / generated tokens")
     ax.set_title("Early exits per head (rejected ones included)"), ax.legend(fontsize=8)
     fig.tight_layout(), fig.savefig(out / "exit_layers.png", dpi=110), plt.close(fig)

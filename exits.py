@@ -6,7 +6,8 @@ same questions of the same policy object, so a policy studied in the simulator b
 the same way in the real loop:
 
     policy.reset()               a new generation starts
-    policy.active(layer)         is the head after `layer` worth checking now? (a check costs time)
+    policy.active(layer)         is the head after `layer` worth checking now? (a check costs time;
+                                 layer 0 is the context's own exit, free: context_guess)
     policy.exit(layer, guess)    exit with guess.token?  (guess: heads.Guess, with its context: in_context)
     policy.dry(layer)            only rehearse that exit? (scored against the final layer, not taken)
     policy.observe(layer, ok)    the verdict on an early token from `layer`, or on a rehearsed one
@@ -19,10 +20,12 @@ rebuilds it:
 """
 import math
 
+from heads import Guess
 from model import InputError
 
 FEATURES = ("p1", "margin", "entropy", "lse", "echo", "clash")   # what Logistic reads from a Guess, in this order
 LONGEST = 4                                     # the longest repeated suffix lookup() looks for
+CONTEXT = 0                                     # the context's own exit, before layer 1 (context_guess)
 
 
 def lookup(tokens, longest=LONGEST):
@@ -54,6 +57,15 @@ def in_context(guess, found):
     return guess._replace(echo=k, clash=0) if guess.token == token else guess._replace(echo=0, clash=k)
 
 
+def context_guess(found):
+    """The context as an exit "head" at layer 0 (CONTEXT): it guesses lookup's token, with
+    echo = k and no probabilities, before any layer has run, so a right guess skips all L
+    layers on the critical path and costs no check. This is prompt lookup decoding's draft
+    inside AdaDecode's schedule. A policy uses it only where it names layer 0 explicitly."""
+    token, k = found
+    return None if token is None else Guess(token, 0.0, 0.0, 0.0, 0.0, echo=k, clash=0)
+
+
 def _per_layer(value, what):
     """A float for every head, or {layer: float} (a head without an entry never exits)."""
     if isinstance(value, dict):
@@ -76,7 +88,9 @@ class Threshold:
         self.threshold, self.feature = _per_layer(threshold, "threshold"), feature
 
     def _t(self, layer):
-        return self.threshold.get(layer) if isinstance(self.threshold, dict) else self.threshold
+        if isinstance(self.threshold, dict):
+            return self.threshold.get(layer)
+        return None if layer == CONTEXT else self.threshold      # one number is for the heads only
 
     def reset(self):
         pass

@@ -31,8 +31,8 @@ from types import SimpleNamespace
 
 import torch
 
-from exits import FEATURES, Guard, Logistic, Threshold, in_context, lookup
-from heads import ExitHeads, Guess
+from exits import CONTEXT, FEATURES, Guard, Logistic, Threshold, context_guess, in_context, lookup
+from heads import Guess
 from kvcache import KVCache
 from model import ROW_BY_ROW, InputError, precision, resolve_checkpoint
 
@@ -54,8 +54,10 @@ class Trace:
 
     def in_context(self, j, layer):
         """The head's guess on the row of tokens[j], with what the context up to there says
-        comes next (exits.in_context), as the loop sees it on greedy's path."""
-        return in_context(self.guesses[j][layer], lookup(self.prompt + self.tokens[:j + 1]))
+        comes next (exits.in_context), as the loop sees it on greedy's path; at layer 0
+        (CONTEXT) the context's own guess, or None where it has none."""
+        found = lookup(self.prompt + self.tokens[:j + 1])
+        return context_guess(found) if layer == CONTEXT else in_context(self.guesses[j][layer], found)
 
     def to_json(self):
         return {"prompt": self.prompt, "tokens": self.tokens, "max_new_tokens": self.max_new_tokens,
@@ -150,7 +152,7 @@ class Replay:
 
 class Oracle:
     """Exit exactly when the head's guess is greedy's next token (simulation only): the
-    ceiling for these heads at this max_pending."""
+    ceiling for these heads at this max_pending (the context's exit left out)."""
 
     def __init__(self, replay_ref):
         self.ref = replay_ref
@@ -159,7 +161,7 @@ class Oracle:
         pass
 
     def active(self, layer):
-        return True
+        return layer != CONTEXT
 
     def exit(self, layer, guess):
         return bool(self.ref[0].last_right)
@@ -329,6 +331,8 @@ def fit_logistic(traces, layers, l2=1e-3, steps=200):
         for t in traces:
             for j in range(len(t.tokens) - 1):
                 g = t.in_context(j, l)
+                if g is None:
+                    continue
                 X.append([1.0] + [getattr(g, f) for f in FEATURES])
                 y.append(float(g.token == t.tokens[j + 1]))
         X, y = torch.tensor(X, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
@@ -377,17 +381,19 @@ def operating_point(traces, policy, layers):
     policy = getattr(policy, "policy", policy)
     table = {}
     for l in layers:
-        sure = right = n = 0
+        sure = right = n = agree = 0
         for t in traces:
             for j in range(len(t.tokens) - 1):
                 g = t.in_context(j, l)
                 n += 1
+                if g is None:
+                    continue
+                agree += g.token == t.tokens[j + 1]
                 if policy.active(l) and policy.exit(l, g):
                     sure += 1
                     right += g.token == t.tokens[j + 1]
         table[l] = {"coverage": sure / max(n, 1), "precision": right / sure if sure else float("nan"),
-                    "agreement": sum(t.guesses[j][l].token == t.tokens[j + 1] for t in traces
-                                     for j in range(len(t.tokens) - 1)) / max(n, 1)}
+                    "agreement": agree / max(n, 1)}
     return table
 
 
@@ -441,7 +447,7 @@ def default_traces(split="held-out", n=400, max_new_tokens=128, heads_path=None)
 def print_operating_point(op):
     print("held-out operating point (the check as it runs, the policy's rule, on greedy's path):")
     for l, r in op.items():
-        print(f"  head after layer {l}: agreement {r['agreement']:.3f}, coverage {r['coverage']:.3f}, "
+        print(f"  {'the context (layer 0)' if l == CONTEXT else f'head after layer {l}'}: agreement {r['agreement']:.3f}, coverage {r['coverage']:.3f}, "
               f"precision {r['precision']:.3f}")
 
 
@@ -513,7 +519,8 @@ def main(argv=None):
         if "policy" in heads.meta:
             print_row("the heads file's policy", run(from_spec(heads.meta["policy"], L)))
             if not a.fit:
-                print_operating_point(operating_point(held_t, from_spec(heads.meta["policy"], L), rec.layers))
+                print_operating_point(operating_point(held_t, from_spec(heads.meta["policy"], L),
+                                                      [CONTEXT] + rec.layers))
         print_row("oracle (exit iff the guess is right)", run("oracle"))
         cats = sorted({t.category for t in held_t})
         if len(cats) > 1 and "policy" in heads.meta:      # per category: the paper's rule and the heads' policy
@@ -523,23 +530,20 @@ def main(argv=None):
                 for name, pol in (("0.75", Threshold(0.75)), ("policy", from_spec(heads.meta["policy"], L))):
                     print_row(f"  {c}: {name}", figures(rec.replay(ts, pol, a.max_pending, a.exact)[0], n_c, cost))
         if a.fit:
-            w = fit_logistic(sets["train"], rec.layers)
+            exits = [CONTEXT] + rec.layers                # the context's exit is one more candidate
+            w = fit_logistic(sets["train"], exits)
             key = "ideal_speedup" if a.objective == "ideal" else "predicted_speedup"
             obj = lambda th: run(Guard(Logistic(w, _drop_none(th)), L))[key]     # the policy as it will run
-            th, score = choose_thresholds(obj, rec.layers)
+            th, score = choose_thresholds(obj, exits)
             policy = Guard(Logistic(w, _drop_none(th)), L)
             print_row(f"fitted: logistic {th}", run(Logistic(w, _drop_none(th))))
             print_row("fitted, with the guard", run(policy))
-            op = operating_point(held_t, policy, rec.layers)
+            op = operating_point(held_t, policy, exits)
             print_operating_point(op)
-            used = [l for l in rec.layers if th[l] is not None]      # heads the policy never checks leave the file
-            if used and used != heads.layers:
-                kept = ExitHeads(model, used, heads.T[[heads.index[l] for l in used]])
-                kept.meta = heads.meta
-                heads = kept.set_shortlist(None if heads.shortlist is None else heads.shortlist.tolist())
-                print(f"dropped the heads after layers {[l for l in rec.layers if l not in used]} (never checked)")
+            # heads the policy never checks stay in the file: a refit for other hardware (a GPU,
+            # --objective ideal) may use them
             heads.meta["policy"] = policy.spec()
-            heads.meta["operating_point"] = {str(l): op[l] for l in heads.layers}
+            heads.meta["operating_point"] = {str(l): op[l] for l in exits if l in heads.layers or th[l] is not None}
             tmp = Path(heads_path).with_suffix(".tmp.safetensors")
             heads.save(tmp)
             tmp.replace(heads_path)

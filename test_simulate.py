@@ -31,7 +31,8 @@ def policies(draw, layers, n_layers):
     if kind == "logistic":
         w = st.floats(-4.0, 4.0)
         n = draw(st.sampled_from([5, 1 + len(FEATURES)]))           # without or with the context features
-        policy = Logistic({l: [draw(w) for _ in range(n)] for l in layers}, threshold)
+        exits = ([0] if n > 5 and draw(st.booleans()) else []) + list(layers)   # 0: the context's own exit
+        policy = Logistic({l: [draw(w) for _ in range(n)] for l in exits}, threshold)
     else:
         policy = Threshold(threshold, kind)
     if draw(st.booleans()):
@@ -133,7 +134,7 @@ def test_rehearsed_exits_are_scored_against_the_final_layers_token():
             self.guessed, self.heard = [], []
 
         def active(self, layer):
-            return True
+            return layer > 0                                    # the heads, not the context's exit
 
         def exit(self, layer, guess):
             self.guessed.append((layer, guess.token))
@@ -267,3 +268,23 @@ def test_a_replay_sees_the_context_the_real_loop_sees():
     greedy = generate_ada(model, heads, prompt, 30, policy=never)
     assert never.heard == [(l, trace.in_context(j, l).echo, trace.in_context(j, l).clash)
                            for j in range(len(greedy.tokens) - 1) for l in (1, 2, 3)]   # what the fit reads
+
+
+def test_the_context_exit_before_layer_1_keeps_parity_and_replays():
+    """A policy that names layer 0 exits there with the context's token (prompt lookup):
+    no check is spent, the output stays greedy's, and a replay reproduces the run."""
+    from conftest import random_llama
+    model = random_llama(4, n_layers=4, vocab=11)
+    heads = random_heads(model, [2], seed=2, noise=1.0)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4, 6, 2, 6, 4, 3]
+    greedy = generate_greedy(model, prompt, 40)
+    policy = Logistic({0: [-2.0, 0, 0, 0, 0, 1.5, 0]}, 0.5)     # exit on a repeat of 2 tokens or more
+    real = generate_ada(model, heads, prompt, 40, policy=policy)
+    assert real.tokens == greedy.tokens
+    check_same_cache(real.cache, greedy.cache)
+    s = real.stats
+    assert s.early_by_layer[0] > 0 and s.head_checks == 0
+    assert s.accepted + s.rejected + s.discarded == s.early_by_layer[0]
+    rec = Recorder(model, heads)
+    sim, _ = rec.replay([rec.record(prompt, greedy.tokens, 40, set())], policy, exact=True)
+    assert stats_dict(sim[0]) == stats_dict(real.stats)
