@@ -6,7 +6,9 @@ the next token, emit it at once and start it at layer 1. The layers the early to
 skipped are deferred, not skipped: its rows wait with their hidden states and join the
 next token's layer calls exactly where they are needed, batched. When rows reach the
 top, the full model verifies every early token; at the first mismatch the wrong token
-and everything after it are dropped and every layer's cache is cut back.
+and everything after it are dropped and every layer's cache is cut back. Before layer 1
+the context itself may exit, with prompt lookup's token (exits.context_guess), if the
+policy names layer 0.
 
     python adadecode.py --prompt "Write a function that reverses a string." --method ada
     python adadecode.py --prompts prompts.jsonl --method greedy --json
