@@ -333,8 +333,13 @@ def test_real_model_quantized_is_bitwise_greedy(real, dtype):
     tok, eos = real[2], real[3]
     model = load_model(folder, dtype=dtype)
     heads = ExitHeads.load(DEFAULT_HEADS, model)                  # float32-trained heads fit the quantised model
+    context_exits = 0
     for text in REAL_PROMPTS[:3]:
         ids = tok.prompt_ids(text)
         ada = assert_bitwise_equal_runs(model, lambda: generate_greedy(model, ids, 48, eos),
                                         lambda: generate_ada(model, heads, ids, 48, eos, policy=Threshold(0.3)))
         assert ada.stats.rollbacks >= 1 or ada.stats.accepted > 5
+        shipped = assert_bitwise_equal_runs(model, lambda: generate_greedy(model, ids, 48, eos),   # the context's exit too
+                                            lambda: generate_ada(model, heads, ids, 48, eos, policy=exit_policy(heads)))
+        context_exits += shipped.stats.early_by_layer[0]
+    assert context_exits > 0
