@@ -220,6 +220,8 @@ def from_spec(spec, n_layers):
         if kind == "guard":
             return Guard(from_spec(spec["policy"], n_layers), n_layers, spec["slack"], spec["alpha"], spec["prior"],
                          spec["probe"])
+    except InputError:
+        raise                                   # already says what is wrong, in one line
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise InputError(f"exit policy spec is malformed ({e!r})")
     raise InputError(f"unknown exit policy kind {kind!r}")
