@@ -201,7 +201,7 @@ class Int8Linear(nn.Module):
     def forward(self, x):
         x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
         if not torch.compiler.is_compiling() and self.BLOCK < len(x2) <= ROW_BY_ROW:
-            # past 4 rows the kernel is 1.3-2x slower than calls of at most 4 rows on the same
+            # past 4 rows the kernel is up to 2x slower than calls of at most 4 rows on the same
             # rows (README, int8 and int4); a row's result does not depend on its call, so the
             # pieces give the same bits. Long calls (the prompt) stay whole, where it is faster;
             # so do compiled ones (a branch on the row count would compile a graph per range).
