@@ -189,14 +189,14 @@ class Int8Linear(nn.Module):
     float32's bytes, and its result for a row is bit-identical whatever the number of
     rows in the call, which float32's F.linear does not promise."""
 
+    BLOCK = 4          # the kernel's rows per pass; a decoding call of more rows goes in pieces of 4
+
     def __init__(self, weight, bias=None):
         super().__init__()
         wq, scale = int8_grid(weight)
         self.register_buffer("wq", wq)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().float())   # added in float32
-
-    BLOCK = 4          # the kernel's rows per pass; a decoding call of more rows goes in pieces of 4
 
     def forward(self, x):
         x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
