@@ -2,9 +2,10 @@
 Benchmark greedy decoding against AdaDecode and self-speculative decoding, batch 1,
 with token-exact parity checked on every prompt.
 
-Fair timing: a warm-up first; the methods interleaved prompt by prompt in one process;
-prefill timed apart from decode; GPU synchronised; medians and per-prompt figures kept;
-the machine written with the results. Outputs a table on the terminal and, in --out,
+Fair timing: a warm-up first; the methods interleaved prompt by prompt in one process
+(--repeats: each prompt timed several times, the order turned, its median kept); prefill
+timed apart from decode; GPU synchronised; medians and per-prompt figures kept; the
+machine written with the results. Outputs a table on the terminal and, in --out,
 results.json (everything), results.csv (one row per prompt and method) and PNG plots.
 
     python bench.py                                   # HumanEval prompts, default model and heads
@@ -327,6 +328,9 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the blocks' tensor code (Transformer.compile_blocks); compile time reported apart")
     ap.add_argument("--compare-hf", action="store_true", help="also time transformers' greedy generate")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="time every prompt this many times per method, the order turned each time, and keep each "
+                         "prompt's median (a VM's noise is large at batch 1); parity is checked on every run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="out/bench")
     a = ap.parse_args(argv)
@@ -346,6 +350,8 @@ def main(argv=None):
             raise InputError("--n must be at least 1")
         if a.max_new_tokens < 1 or a.max_pending < 0:
             raise InputError("--max-new-tokens must be at least 1 and --max-pending at least 0")
+        if a.repeats < 1:
+            raise InputError("--repeats must be at least 1")
         check_writable_folder(Path(a.out), "--out")
         check_device(a.device)
         prompts = (read_prompts(a.prompts) if a.prompts else humaneval_prompts())[:a.n]
@@ -421,6 +427,18 @@ def main(argv=None):
                 toks, secs, pre = hf_greedy(hf, x, a.max_new_tokens, a.device)
                 rows.append(result_row(i, p, "hf", "greedy", "hf", None, "float32", toks, ref["float32"], secs, pre,
                                        {"peak_memory": peak_memory(a.device)}, engines["float32"][0], x))
+            first = {r["label"]: r for r in rows if r["prompt_index"] == i}
+            for rep in range(1, a.repeats):   # the same prompt again, the order turned: no method always goes first
+                k = rep % len(runs)
+                for dt, m, t in runs[k:] + runs[:k]:
+                    model, heads, _ = engines[dt]
+                    r = run_method(m, model, heads, x, a.max_new_tokens, eos, t, a.max_pending)
+                    repeat(first[label(dt, m, t)], r.tokens, r.seconds, ref[dt], model, x)
+                if hf is not None:
+                    toks, secs, _ = hf_greedy(hf, x, a.max_new_tokens, a.device)
+                    repeat(first["hf"], toks, secs, ref["float32"], engines["float32"][0], x)
+            for row in first.values():
+                row["seconds"] = statistics.median(row["repeat_seconds"])
 
         summary = summarise(rows)
         for k, v in op_counts.items():
@@ -431,7 +449,7 @@ def main(argv=None):
         mem = peak_memory(a.device) if not per_method else max(s["peak_memory_bytes"] for s in summary.values())
         bw = read_bandwidth(a.device)
         print_table(summary, f"{len(prompts)} prompts x {a.max_new_tokens} new tokens, {mach['device']} {mach['dtype']}, "
-                             f"{mach.get('gpu', mach['cpu'])}")
+                             f"{mach.get('gpu', mach['cpu'])}" + (f", median of {a.repeats} runs per prompt" if a.repeats > 1 else ""))
         print("per generated token (prompt 0 for operator calls): " + "; ".join(
             f"{k} {v['host_syncs_per_token']:.2f} host syncs, " + (f"{v['operator_calls_per_token']:.0f} operator calls"
                                                                   if "operator_calls_per_token" in v else "operator calls not counted")
@@ -546,15 +564,26 @@ def dtype_agreement(rows, dtypes, engines, ids, summary, label):
     return report
 
 
+def divergence(model, ids, tokens, ref):
+    """Where `tokens` first departs from the reference `ref`, and the reference's top-two margin there."""
+    j = next((k for k, (x, y) in enumerate(zip(tokens, ref)) if x != y), min(len(tokens), len(ref)))
+    return {"index": j, "got": tokens[j] if j < len(tokens) else None, "want": ref[j] if j < len(ref) else None,
+            "margin": top2_margin(model, ids, ref, j)}
+
+
+def repeat(row, tokens, seconds, ref, model, ids):
+    """One more timing of a row's prompt and method (--repeats), its output checked again."""
+    row["repeat_seconds"].append(seconds)
+    if row["parity"] and tokens != ref:
+        row.update(parity=False, divergence=divergence(model, ids, tokens, ref))
+
+
 def result_row(i, p, label, reference, method, threshold, dtype, tokens, ref, seconds, prefill, stats, model, ids):
-    div = None
-    if ref is not None and tokens != ref:
-        j = next((k for k, (x, y) in enumerate(zip(tokens, ref)) if x != y), min(len(tokens), len(ref)))
-        div = {"index": j, "got": tokens[j] if j < len(tokens) else None, "want": ref[j] if j < len(ref) else None,
-               "margin": top2_margin(model, ids, ref, j)}
+    parity = tokens == ref
     return {"prompt_index": i, "category": p.get("category", "all"), "label": label, "reference": reference,
-            "method": method, "threshold": threshold, "dtype": dtype, "n_tokens": len(tokens), "seconds": seconds, "prefill_seconds": prefill,
-            "parity": tokens == ref, "divergence": div, "stats": stats, "tokens": tokens}
+            "method": method, "threshold": threshold, "dtype": dtype, "n_tokens": len(tokens), "seconds": seconds,
+            "repeat_seconds": [seconds], "prefill_seconds": prefill, "parity": parity,
+            "divergence": None if parity else divergence(model, ids, tokens, ref), "stats": stats, "tokens": tokens}
 
 
 if __name__ == "__main__":

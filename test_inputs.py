@@ -10,6 +10,7 @@ flags, devices, the model cache), and Hypothesis fuzzing of the parsers: the pro
 import json
 import os
 import shutil
+import statistics
 import threading
 from pathlib import Path
 
@@ -453,6 +454,7 @@ def test_a_split_gguf_that_does_not_match_its_pin_is_refused(tmp_path, monkeypat
     (["--device", "tpu"], "not a device name"),
     (["--dtype", "float32", "int8", "--row-cost"], "one dtype"),
     (["--dtype", "int8", "--compare-hf"], "float32"),
+    (["--repeats", "0"], "--repeats"),
 ])
 def test_bench_refuses_before_the_long_work(tmp_path, argv, message, capsys, monkeypatch):
     import bench
@@ -462,6 +464,35 @@ def test_bench_refuses_before_the_long_work(tmp_path, argv, message, capsys, mon
     (tmp_path / "file").write_text("")
     assert bench.main(["--out", str(tmp_path / "file")]) == 2          # a file where a folder goes
     assert "is a file" in one_line_error(capsys)
+
+
+def test_bench_repeats_keep_the_median_and_check_parity_on_every_run(tiny, tmp_path, monkeypatch):
+    """--repeats times each prompt and method again (the order turned), keeps the median, and
+    a repeat whose output departs from greedy's marks the row: parity is checked on every run."""
+    import bench
+    model = load_model(tiny, dtype=torch.float32)
+    ExitHeads(model, [1, 2]).save(tmp_path / "h.safetensors")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "Say hi.", "category": "a"}\n{"prompt": "Count to 3.", "category": "b"}\n')
+    calls, run_method = [], bench.run_method
+
+    def spoiled(name, *a, **k):           # ada's 5th run (2 warm-ups, then prompt 0's third) changes a token
+        r = run_method(name, *a, **k)
+        calls.append(name)
+        if name == "ada" and calls.count("ada") == 5:
+            r.tokens = r.tokens[:-1] + [(r.tokens[-1] + 1) % 49152]
+        return r
+    monkeypatch.setattr(bench, "run_method", spoiled)
+    argv = ["--model", str(tiny), "--heads", str(tmp_path / "h.safetensors"), "--prompts", str(tmp_path / "p.jsonl"),
+            "--n", "2", "--max-new-tokens", "6", "--methods", "greedy,ada", "--threshold", "0.3", "--dtype", "float32",
+            "--repeats", "3", "--out", str(tmp_path / "b")]
+    assert bench.main(argv) == 0
+    rows = json.loads((tmp_path / "b" / "results.json").read_text())["rows"]
+    assert len(rows) == 4 and all(len(r["repeat_seconds"]) == 3 for r in rows)
+    assert all(r["seconds"] == statistics.median(r["repeat_seconds"]) for r in rows)
+    assert [(r["prompt_index"], r["method"], r["parity"]) for r in rows] == [
+        (0, "greedy", True), (0, "ada", False), (1, "greedy", True), (1, "ada", True)]
+    assert rows[1]["divergence"]["index"] == rows[1]["n_tokens"] - 1
+    assert calls[4:10] == ["greedy", "ada", "ada", "greedy", "greedy", "ada"]   # prompt 0's three runs: the order turns
 
 
 @pytest.mark.parametrize("argv,message", [
