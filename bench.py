@@ -256,8 +256,10 @@ def plots(out, summary, trace, thresholds, n_layers, heads_layers):
         fig.tight_layout(), fig.savefig(out / "threshold_sweep.png", dpi=110), plt.close(fig)
         files.append("threshold_sweep.png")
     # distribution of the layer each verified token was decided at (early exits vs the full model)
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
     labels = [k for k in summary if k.startswith("ada")][:3]
+    if not labels:                     # no AdaDecode run: nothing exited
+        return files
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
     exits = ([0] if any(summary[k]["early_rate_per_layer"].get("0") for k in labels) else []) + heads_layers
     for label in labels:
         rate = summary[label]["early_rate_per_layer"]
@@ -502,7 +504,8 @@ def main(argv=None):
                 w.writerow([r["prompt_index"], r["category"], r["method"], r["threshold"], r["dtype"], r["n_tokens"],
                             f"{r['seconds']:.4f}", f"{r['n_tokens'] / r['seconds']:.3f}", f"{r['prefill_seconds']:.4f}",
                             int(r["parity"]), st.get("early", ""), st.get("rejected", ""),
-                            f"{st['mean_rows_per_call']:.3f}" if st else "", f"{st['ideal_speedup']:.3f}" if st else ""])
+                            f"{st['mean_rows_per_call']:.3f}" if "mean_rows_per_call" in st else "",   # not for transformers'
+                            f"{st['ideal_speedup']:.3f}" if "ideal_speedup" in st else ""])
         print(f"wrote {out / 'results.json'}, {out / 'results.csv'}, " + ", ".join(str(out / f) for f in figs))
         parity = min(s["parity"] for s in summary.values())
         print(json.dumps({"parity": parity, **{k: round(v["speedup"], 4) for k, v in summary.items()}}))

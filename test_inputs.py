@@ -7,6 +7,7 @@ flags, devices, the model cache), and Hypothesis fuzzing of the parsers: the pro
 
     pytest -q test_inputs.py
 """
+import csv
 import json
 import os
 import shutil
@@ -493,6 +494,16 @@ def test_bench_repeats_keep_the_median_and_check_parity_on_every_run(tiny, tmp_p
         (0, "greedy", True), (0, "ada", False), (1, "greedy", True), (1, "ada", True)]
     assert rows[1]["divergence"]["index"] == rows[1]["n_tokens"] - 1
     assert calls[4:10] == ["greedy", "ada", "ada", "greedy", "greedy", "ada"]   # prompt 0's three runs: the order turns
+
+
+def test_bench_compare_hf_writes_every_file(tiny, tmp_path):
+    """--compare-hf adds transformers' greedy as a row of its own, in results.json and results.csv."""
+    import bench
+    assert bench.main(["--model", str(tiny), "--n", "1", "--max-new-tokens", "4", "--methods", "greedy", "--dtype",
+                       "float32", "--compare-hf", "--out", str(tmp_path / "b")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "b" / "results.csv")))
+    assert [r["method"] for r in rows] == ["greedy", "hf"] and rows[1]["mean_rows_per_call"] == ""
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["rows"][1]["label"] == "hf"
 
 
 @pytest.mark.parametrize("argv,message", [
