@@ -222,7 +222,6 @@ class Recorder:
     def __init__(self, model, heads):
         self.model, self.heads = model, heads
         self.layers = [l for l in heads.layers if l < model.args.n_layers]
-        self._prefix = {}             # id(trace) -> prompt + greedy tokens, for branches
 
     @torch.inference_mode()
     def record(self, prompt, tokens, max_new_tokens, eos, regenerate=False):
@@ -252,19 +251,15 @@ class Recorder:
         if keep < len(tokens):
             tokens, max_new_tokens = tokens[:keep], keep
         guesses = [{l: rows[l][j] for l in self.layers} for j in range(len(tokens))]
-        t = Trace(list(prompt), list(tokens), max_new_tokens, sorted(eos), guesses)
-        self._prefix[id(t)] = prompt + list(tokens)
-        return t
+        return Trace(list(prompt), list(tokens), max_new_tokens, sorted(eos), guesses)
 
     @torch.inference_mode()
     def branch(self, trace, d, toks):
         """Guesses on a wrong branch: tokens `toks` at positions d, d+1, ... after greedy's
         context before d. Computed by running those rows on a fresh cache holding greedy's
-        prefix; returns {(d, toks[:k+1]): {layer: Guess}} for every k."""
-        m = self.model
-        prefix = self._prefix.get(id(trace))
-        if prefix is None:
-            raise ValueError("exact branches need a trace recorded by this Recorder")
+        prefix; returns {(d, toks[:k+1]): {layer: Guess}} for every k. The trace must be this
+        model's and these heads' (recorded here, or read back from a cache keyed by them)."""
+        m, prefix = self.model, trace.prompt + trace.tokens
         ids = torch.tensor([prefix[:d] + toks], device=m.device)
         cache, h, start, out = m.new_cache(ids.shape[1]), m.embed(ids), 0, {}
         for l in self.layers:

@@ -3,6 +3,7 @@ policy (threshold, margin, logistic, guard) keeps AdaDecode token-exact.
 
     pytest -q test_simulate.py
 """
+import json
 from dataclasses import asdict
 
 import pytest
@@ -12,7 +13,7 @@ from adadecode import generate_ada, generate_greedy
 from exits import FEATURES, Guard, Logistic, Threshold, from_spec, in_context, lookup
 from heads import Guess
 from model import InputError
-from simulate import Recorder, choose_thresholds, figures, fit_logistic
+from simulate import Recorder, Trace, choose_thresholds, figures, fit_logistic
 from test_parity import check_same_cache, random_heads, setups
 
 
@@ -66,6 +67,9 @@ def test_replay_equals_the_real_loop(setup, seed, noise, max_pending, max_new, u
     assert figures(sim, n)["ideal_speedup"] == real.stats.summary(len(greedy.tokens))["ideal_speedup"]
     again, misses = rec.replay([trace], policy, max_pending)   # the branches are now in the trace
     assert misses == 0 and stats_dict(again[0]) == stats_dict(real.stats)
+    stored = Trace.from_json(json.loads(json.dumps(trace.to_json())))   # as a cached trace comes back, no branches
+    fresh, _ = rec.replay([stored], policy, max_pending, exact=True)
+    assert stats_dict(fresh[0]) == stats_dict(real.stats)
 
 
 def test_approximate_branches_are_counted():
