@@ -118,3 +118,14 @@ def test_training_prompts_are_deterministic_and_never_benchmark_prompts():
     near = [{"prompt": "Solve for x: 3x + 7 = 22. Explain each step."}, {"prompt": "why is the sky blue?"},
             {"prompt": "Solve for x: 4x + 7 = 22."}]
     assert without_benchmark_prompts(near) == near[2:]
+
+
+def test_a_prompt_file_near_a_reported_prompt_is_found():
+    """train_heads.py --prompts warns about prompts that bench.py reports (HumanEval's and
+    prompts.jsonl's), also when they come wrapped in other words."""
+    from bench import humaneval_prompts
+    from train_heads import reported_prompts, without
+    mine = [{"prompt": "Please finish this:\n" + humaneval_prompts()[3]["prompt"][-300:]},
+            {"prompt": "Write a short haiku about autumn rain on a tin roof."},
+            {"prompt": "First, " + json.loads(open("prompts.jsonl").readline())["prompt"]}]
+    assert without(mine, reported_prompts()) == [mine[1]]

@@ -152,12 +152,21 @@ def domain_prompts(n_per_domain=40, seed=0):
 def without_benchmark_prompts(prompts, benchmark=Path(__file__).parent / "prompts.jsonl", n=6):
     """Drop every prompt that shares n consecutive words with a prompt of the benchmark
     file (a template can happen to write one: "Solve for x: 3x + 7 = 22")."""
+    return without(prompts, [p["prompt"] for p in read_prompts(benchmark)], n)
+
+
+def without(prompts, texts, n=6):
+    """The prompts that share no n consecutive words with any of `texts`."""
     words = lambda text: re.findall(r"\w+", text.lower())
     grams = lambda w: {tuple(w[i:i + n]) for i in range(len(w) - n + 1)} or {tuple(w)}
-    seen = set()
-    for line in benchmark.read_text().splitlines():
-        seen |= grams(words(json.loads(line)["prompt"]))
+    seen = set().union(*(grams(words(t)) for t in texts))
     return [p for p in prompts if not grams(words(p["prompt"])) & seen]
+
+
+def reported_prompts():
+    """The prompts bench.py reports: prompts.jsonl's and HumanEval's."""
+    from bench import humaneval_prompts
+    return [p["prompt"] for p in read_prompts(Path(__file__).parent / "prompts.jsonl") + humaneval_prompts()]
 
 
 def function_sources(prompts, tok, eos, max_tokens=256):
@@ -391,6 +400,11 @@ def main(argv=None):
         heads = ExitHeads(model, a.layers)
         if a.prompts:
             prompts, source = read_prompts(a.prompts), f"prompt file {Path(a.prompts).name}"
+            near = len(prompts) - len(without(prompts, reported_prompts()))
+            if near:
+                print(f"warning: {near} of the {len(prompts)} prompts share six words in a row with a prompt that "
+                      "bench.py reports (prompts.jsonl, HumanEval): a benchmark on those would not measure held-out "
+                      "behaviour", file=sys.stderr)
             train_p, held_p = held_out_split(prompts, a.n, a.heldout, a.seed)
         else:
             prompts, source = stdlib_function_prompts(), "stdlib 'complete this function' requests"
