@@ -279,22 +279,25 @@ def row_costs(model, heads, rows=(1, 2, 3, 4, 5, 6), context=300, repeats=7):
     realistic cache length), per head check, and per LM-head call: the cost model that
     turns a replay into a predicted speedup on this machine."""
     from adadecode import sync
-    m, L = model, model.args.n_layers
+    m, L, rows = model, model.args.n_layers, list(rows)
     cost = {}
     with torch.inference_mode():
         cache = m.new_cache(context + max(rows) + 1)
         m.run_layers(m.embed(torch.zeros(1, context, dtype=torch.long, device=m.device)), 0, cache)
-        for r in rows:
-            h = torch.randn(1, r, m.args.dim, dtype=m.dtype, device=m.device)
-            times = []
-            for _ in range(repeats):
+        hs = {r: torch.randn(1, r, m.args.dim, dtype=m.dtype, device=m.device) for r in rows}
+        times = {r: [] for r in rows}
+        for i in range(repeats + 1):         # the row counts take turns, so a slow spell of the machine
+            for r in rows:                   # falls on all of them; the first round is a warm-up
                 cache.truncate(context)
                 sync(m.device)
                 t = time.perf_counter()
-                m.run_layers(h, context, cache)
+                m.run_layers(hs[r], context, cache)
                 sync(m.device)
-                times.append(time.perf_counter() - t)
-            cost[r] = sorted(times)[len(times) // 2] / L
+                if i > 0:
+                    times[r].append(time.perf_counter() - t)
+        for r in rows:
+            cost[r] = sorted(times[r])[len(times[r]) // 2] / L
+        h = hs[rows[-1]]
         x, one = h[0, -1], h[:, -1:]
         calls = [("logits", lambda i: m.logits(one).argmax(-1).tolist())]
         if heads is not None:

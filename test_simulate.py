@@ -292,3 +292,15 @@ def test_the_context_exit_before_layer_1_keeps_parity_and_replays():
     rec = Recorder(model, heads)
     sim, _ = rec.replay([rec.record(prompt, greedy.tokens, 40, set())], policy, exact=True)
     assert stats_dict(sim[0]) == stats_dict(real.stats)
+
+
+def test_the_cost_model_times_every_row_count_the_check_and_the_lm_head():
+    """row_costs (simulate.py's and bench.py --row-cost's cost model): a positive time per
+    layer call for every row count asked for, in any iterable, and for a check and the LM head."""
+    from conftest import random_llama
+    from simulate import row_costs
+    model = random_llama(0, n_layers=4, vocab=61)
+    cost = row_costs(model, random_heads(model, [1, 2], 0, 1.0), rows=range(1, 4), context=8, repeats=2)
+    assert set(cost) == {1, 2, 3, "logits", "check"} and all(v > 0 for v in cost.values())
+    assert set(row_costs(model, None, rows=(2,), context=8, repeats=1)) == {2, "logits"}
+
