@@ -277,9 +277,14 @@ class Recorder:
 def row_costs(model, heads, rows=(1, 2, 3, 4, 5, 6), context=300, repeats=7):
     """Seconds per single-layer call for each row count (all layers timed together, at a
     realistic cache length), per head check, and per LM-head call: the cost model that
-    turns a replay into a predicted speedup on this machine."""
+    turns a replay into a predicted speedup on this machine. A model with a shorter context
+    than `context` + the rows is timed at the longest cache it allows."""
     from adadecode import sync
     m, L, rows = model, model.args.n_layers, list(rows)
+    context = min(context, m.args.max_seq_len - max(rows) - 1)
+    if context < 1:
+        raise InputError(f"the model's context ({m.args.max_seq_len} positions) is too short to time calls of "
+                         f"{max(rows)} rows")
     cost = {}
     with torch.inference_mode():
         cache = m.new_cache(context + max(rows) + 1)

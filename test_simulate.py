@@ -303,4 +303,8 @@ def test_the_cost_model_times_every_row_count_the_check_and_the_lm_head():
     cost = row_costs(model, random_heads(model, [1, 2], 0, 1.0), rows=range(1, 4), context=8, repeats=2)
     assert set(cost) == {1, 2, 3, "logits", "check"} and all(v > 0 for v in cost.values())
     assert set(row_costs(model, None, rows=(2,), context=8, repeats=1)) == {2, "logits"}
+    short = random_llama(0, n_layers=2, max_pos=16)       # a context shorter than the default 300 positions
+    assert set(row_costs(short, None, rows=(1, 8), repeats=1)) == {1, 8, "logits"}
+    with pytest.raises(InputError, match="too short"):
+        row_costs(random_llama(0, n_layers=2, max_pos=8), None, rows=(1, 8), repeats=1)
 
