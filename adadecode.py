@@ -291,7 +291,7 @@ class _OneHead:
 def read_prompts(path):
     """JSON Lines: each line has "prompt", or "turns" (FastChat/MT-bench; first turn used)."""
     try:
-        lines = open(path, encoding="utf-8").read().splitlines()
+        lines = open(path, encoding="utf-8-sig").read().splitlines()      # -sig: a leading byte-order mark is skipped
     except OSError as e:
         raise InputError(f"{path}: {e.strerror}") from None
     except UnicodeDecodeError as e:

@@ -133,6 +133,8 @@ def test_prompt_files(tmp_path):
     p.write_bytes(b'{"prompt": "caf\xe9"}\n')
     with pytest.raises(InputError, match="not UTF-8"):
         read_prompts(p)
+    p.write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\r\n{"turns": ["b", "c"]}\r\n')   # a Windows editor's file
+    assert [q["prompt"] for q in read_prompts(p)] == ["a", "b"]
     p.write_text('{"turns": "abc"}\n')
     with pytest.raises(InputError, match="turns"):
         read_prompts(p)
