@@ -423,9 +423,10 @@ def load_traces(rec, seqs, max_new_tokens, eos, path, categories=None):
 
 def traces_for(rec, tok, folder, heads_path, prompts, max_new_tokens, raw=False):
     """Traces of the model's greedy responses to `prompts` (responses and traces cached)."""
+    from adadecode import prompt_token_ids
     from model import eos_ids
     from train_heads import generate_responses, response_cache
-    ids = [tok.prompt_ids(p["prompt"], raw=raw) for p in prompts]
+    ids = prompt_token_ids(rec.model, tok, prompts, max_new_tokens, raw)
     resp = generate_responses(folder, ids, max_new_tokens, response_cache(folder, max_new_tokens))
     hkey = hashlib.sha256(Path(heads_path).read_bytes()).hexdigest()[:8]
     key = hashlib.sha256(json.dumps([ids, hkey, max_new_tokens, precision(rec.model), 5]).encode()).hexdigest()[:12]

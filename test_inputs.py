@@ -449,8 +449,9 @@ def test_a_split_gguf_that_does_not_match_its_pin_is_refused(tmp_path, monkeypat
 
 
 def test_a_prompt_too_long_for_the_context_stops_the_run_before_it_starts(tiny, tmp_path, capsys, monkeypatch):
-    """bench.py and adadecode.py check every prompt against the model's context (256
-    positions here) first: the second prompt's error comes before the first prompt runs."""
+    """bench.py, adadecode.py, simulate.py and train_heads.py check every prompt against the
+    model's context (256 positions here) first: the second prompt's error comes before the
+    first prompt runs."""
     import bench
     (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "hi"}) + "\n" + json.dumps({"prompt": "word " * 400}) + "\n")
     monkeypatch.setattr(bench, "run_method", lambda *a, **k: pytest.fail("a prompt ran before the check"))
@@ -461,6 +462,16 @@ def test_a_prompt_too_long_for_the_context_stops_the_run_before_it_starts(tiny, 
     assert main(common) == 2
     assert "prompt 2 of 2: the prompt has" in one_line_error(capsys)
     assert capsys.readouterr().out == ""
+    import simulate
+    import train_heads
+    monkeypatch.setattr(train_heads, "generate_responses", lambda *a, **k: pytest.fail("responses before the check"))
+    ExitHeads(load_model(tiny, dtype=torch.float32), [1, 2]).save(tmp_path / "h.safetensors")
+    assert simulate.main(common + ["--heads", str(tmp_path / "h.safetensors"), "--dtype", "float32"]) == 2
+    assert "prompt 2 of 2: the prompt has" in one_line_error(capsys)
+    (tmp_path / "p4.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["a", "b", "c", "word " * 400]))
+    assert train_heads.main(["--model", str(tiny), "--prompts", str(tmp_path / "p4.jsonl"), "--n", "4",
+                             "--max-new-tokens", "4", "--out", str(tmp_path / "t.safetensors")]) == 2
+    assert "prompt 4 of 4: the prompt has" in one_line_error(capsys)
 
 
 def test_gguf_to_hf_command_refuses_an_existing_folder_and_knows_help(tmp_path):

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from adadecode import check_device, default_device, read_prompts
+from adadecode import check_device, default_device, prompt_token_ids, read_prompts
 from heads import ExitHeads
 from model import (InputError, Tokenizer, default_model_dir, eos_ids, int4_unsupported, int8_unsupported, load_model,
                    prepare_default_model, quantize_int4, quantize_int8, resolve_checkpoint)
@@ -400,6 +400,7 @@ def main(argv=None):
         heads = ExitHeads(model, a.layers)
         if a.prompts:
             prompts, source = read_prompts(a.prompts), f"prompt file {Path(a.prompts).name}"
+            prompt_token_ids(model, tok, prompts, a.max_new_tokens, a.raw)      # every one fits the context
             near = len(prompts) - len(without(prompts, reported_prompts()))
             if near:
                 print(f"warning: {near} of the {len(prompts)} prompts share six words in a row with a prompt that "
