@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from kvcache import KVCache
 
 
-# Calls of at most this many rows (every decoding call) compute attention row by row; see Attention.
+# Every decoding call, and a prompt of at most this many rows, computes attention row by row
+# (see Attention.attend); a longer prompt takes one masked call.
 ROW_BY_ROW = 16
 
 
@@ -466,15 +467,16 @@ class Attention(nn.Module):
         # grouped-query attention without repeating KV heads: query head h reads KV head
         # h // G, so fold each group's G query heads into one KV head's rows
         G = H // H_kv
-        if T <= ROW_BY_ROW:
-            # decoding: each row attends exactly as a one-row call would (the same kernel, on
+        if T <= ROW_BY_ROW or pos > 0:
+            # decoding (every call after the prompt, however many rows it has) and short
+            # prompts: each row attends exactly as a one-row call would (the same kernel, on
             # the same keys, with the same strides), so a row's result never depends on which
             # other rows share the call (batch invariance), and no mask is needed
             rows = [F.scaled_dot_product_attention(q[:, t].reshape(B, H_kv, G, D), k[:, :, :pos + t + 1],
                                                    v[:, :, :pos + t + 1]) for t in range(T)]
             y = torch.stack(rows, dim=1) if T > 1 else rows[0]               # (B, T, H_kv, G, D)
         else:
-            # a long call (the prompt): one masked kernel, row t sees the cache and the rows up to itself
+            # a long prompt: one masked kernel, row t sees the rows up to itself
             t = torch.arange(T, device=q.device).repeat(G)
             mask = torch.arange(pos + T, device=q.device)[None, :] <= (pos + t)[:, None]  # (G*T, S)
             y = F.scaled_dot_product_attention(q.transpose(1, 2).reshape(B, H_kv, G * T, D), k, v, attn_mask=mask)

@@ -12,13 +12,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import assume, given, strategies as st
 
 from adadecode import DEFAULT_HEADS, exit_policy, generate_ada, generate_greedy, generate_selfspec
 from conftest import assert_close, random_llama
 from exits import Threshold
 from heads import ExitHeads, Guess
-from model import (InputError, Int4Linear, Int8Linear, block_linears, int4_grid, int4_is_lossless, load_model, precision,
+from model import (ROW_BY_ROW, InputError, Int4Linear, Int8Linear, block_linears, int4_grid, int4_is_lossless, load_model, precision,
                    quantize_int4, quantize_int8, rounding_error)
 
 
@@ -262,11 +262,14 @@ def test_quantized_ada_is_bitwise_greedy(setup, seed, noise, threshold, max_pend
                                                    max_pending=max_pending))
 
 
-@given(seed=st.integers(0, 10**6), pos=st.integers(0, 700), rows=st.integers(2, 16), bits=st.sampled_from([8, 4]))
+@given(seed=st.integers(0, 10**6), pos=st.integers(0, 700), rows=st.integers(2, 24), bits=st.sampled_from([8, 4]))
 def test_quantized_layer_calls_are_batch_invariant(seed, pos, rows, bits):
     """One call on `rows` rows equals `rows` one-row calls, bit for bit, at every layer,
     at cache lengths long enough for attention kernels to split their keys into blocks
-    (one masked multi-row call differs from one-row calls at some of them)."""
+    (one masked multi-row call differs from one-row calls at some of them). Every call
+    after the prompt counts, whatever its rows; a prompt (pos 0) of more than ROW_BY_ROW
+    rows takes the masked kernel."""
+    assume(pos > 0 or rows <= ROW_BY_ROW)
     model = quantized_llama(seed, 3, (1, 2, 32), 128, 61, max_pos=1024, bits=bits)
     h = torch.randn(1, pos + rows, 64, generator=torch.Generator().manual_seed(seed))
     with torch.inference_mode():
@@ -343,3 +346,10 @@ def test_real_model_quantized_is_bitwise_greedy(real, dtype):
                                             lambda: generate_ada(model, heads, ids, 48, eos, policy=exit_policy(heads)))
         context_exits += shipped.stats.early_by_layer[0]
     assert context_exits > 0
+    # more pending rows than ROW_BY_ROW: a decoding call of 17+ rows still attends row by row
+    # (the prompt's masked kernel gave other bits here, and other tokens)
+    ids = tok.prompt_ids("Repeat the word 'apple' forty times, separated by commas.")
+    wide = assert_bitwise_equal_runs(model, lambda: generate_greedy(model, ids, 64, eos),
+                                     lambda: generate_ada(model, heads, ids, 64, eos, max_pending=20,
+                                                          policy=Threshold(0.0)))
+    assert max(wide.stats.rows_hist) > ROW_BY_ROW
