@@ -256,16 +256,20 @@ class Recorder:
     @torch.inference_mode()
     def branch(self, trace, d, toks):
         """Guesses on a wrong branch: tokens `toks` at positions d, d+1, ... after greedy's
-        context before d. Computed by running those rows on a fresh cache holding greedy's
-        prefix; returns {(d, toks[:k+1]): {layer: Guess}} for every k. The trace must be this
+        context before d. Computed on a fresh cache as the loop computes them: the prompt in
+        one call, as prefill runs it, then greedy's tokens before d and the branch in a
+        decoding call (row by row in attention, so in int8 and int4 bit for bit the loop's);
+        returns {(d, toks[:k+1]): {layer: Guess}} for every k. The trace must be this
         model's and these heads' (recorded here, or read back from a cache keyed by them)."""
-        m, prefix = self.model, trace.prompt + trace.tokens
-        ids = torch.tensor([prefix[:d] + toks], device=m.device)
-        cache, h, start, out = m.new_cache(ids.shape[1]), m.embed(ids), 0, {}
+        m, n = self.model, trace.prompt_len
+        ids = torch.tensor([trace.prompt + trace.tokens[:d - n] + toks], device=m.device)
+        cache, out = m.new_cache(ids.shape[1]), {}
+        m.run_layers(m.embed(ids[:, :n]), 0, cache, 0, self.layers[-1])
+        h, start = m.embed(ids[:, n:]), 0
         for l in self.layers:
-            h = m.run_layers(h, 0, cache, start, l)
+            h = m.run_layers(h, n, cache, start, l)
             start = l
-            for k, g in enumerate(self.heads.check_rows(l, h[0, d:])):
+            for k, g in enumerate(self.heads.check_rows(l, h[0, d - n:])):
                 out.setdefault((d, tuple(toks[:k + 1])), {})[l] = g
         return out
 

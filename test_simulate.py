@@ -308,3 +308,33 @@ def test_the_cost_model_times_every_row_count_the_check_and_the_lm_head():
     with pytest.raises(InputError, match="too short"):
         row_costs(random_llama(0, n_layers=2, max_pos=8), None, rows=(1, 8), repeats=1)
 
+
+
+@pytest.mark.parametrize("n", [12, 300])
+def test_wrong_branch_guesses_are_the_loops_own_bits(n):
+    """--exact computes a wrong branch's guesses as the loop does: the prompt as prefill runs
+    it, every later row in a decoding call. On an int8 model, where those are batch-invariant,
+    the guesses are then bit for bit the ones the loop would see (a long prompt's masked call
+    gives other bits: a 300-token prompt was one such case)."""
+    import random
+    import torch
+    from test_parity import quantized_llama
+    model = quantized_llama(1, 3, (1, 2, 32), 128, 61, max_pos=1024)
+    heads = random_heads(model, [1, 2], seed=3, noise=1.0)
+    rnd = random.Random(n)
+    prompt = [rnd.randrange(61) for _ in range(n)]
+    rec = Recorder(model, heads)
+    trace = rec.record(prompt, generate_greedy(model, prompt, 6).tokens, 6, set())
+    d, toks = n + 2, [5, 7, 11]                          # a branch after greedy's first two tokens
+    got = rec.branch(trace, d, toks)
+    rows = (prompt + trace.tokens)[:d] + toks
+    with torch.inference_mode():                         # the loop's way: prefill, then one row at a time
+        cache = model.new_cache(len(rows))
+        model.run_layers(model.embed(torch.tensor([prompt])), 0, cache, 0, 2)
+        for p in range(n, len(rows)):
+            h, start = model.embed(torch.tensor([[rows[p]]])), 0
+            for l in (1, 2):
+                h = model.run_layers(h, p, cache, start, l)
+                start = l
+                if p >= d:
+                    assert got[(d, tuple(toks[:p - d + 1]))][l] == heads.check(l, h[0, -1]), (p, l)
