@@ -164,12 +164,22 @@ class Deferred:
     h: torch.Tensor        # (1, n, dim) hidden states of consecutive positions
 
 
+def default_max_pending(model):
+    """How many early tokens may wait unverified when nothing says otherwise. A decoding
+    call then has at most max_pending + 1 rows. The int8 and int4 kernels compute 4 rows
+    per pass, so a fifth row costs a second pass (README, the row-cost tables): 3 keeps
+    every call within one pass there; 5 elsewhere."""
+    return 3 if precision(model) in ("int8", "int4") else 5
+
+
 @torch.inference_mode()
-def generate_ada(model, heads, prompt, max_new_tokens, eos=(), threshold=0.75, max_pending=5, on_token=None,
+def generate_ada(model, heads, prompt, max_new_tokens, eos=(), threshold=0.75, max_pending=None, on_token=None,
                  trace=False, policy=None):
     """AdaDecode: greedy decoding's tokens, with confident tokens emitted early. The exit
-    policy (exits.py) decides at each head; without one, top-1 probability >= threshold."""
+    policy (exits.py) decides at each head; without one, top-1 probability >= threshold.
+    max_pending None: default_max_pending(model)."""
     policy = policy or Threshold(threshold)
+    max_pending = default_max_pending(model) if max_pending is None else max_pending
     if max_pending < 0:
         raise InputError(f"max_pending must be at least 0, got {max_pending}")
     policy.reset()
@@ -396,7 +406,7 @@ def exit_policy(heads, threshold=None):
     return from_spec(spec, heads.n_layers) if spec else Threshold(0.75)
 
 
-def run(method, model, heads, prompt_ids, max_new_tokens, eos, threshold=None, max_pending=5, on_token=None):
+def run(method, model, heads, prompt_ids, max_new_tokens, eos, threshold=None, max_pending=None, on_token=None):
     if method == "greedy":
         return generate_greedy(model, prompt_ids, max_new_tokens, eos, on_token)
     if method == "ada":
@@ -444,7 +454,8 @@ def main(argv=None):
     ap.add_argument("--heads", help=f"exit heads file (default for the default model: {DEFAULT_HEADS})")
     ap.add_argument("--threshold", type=float, help="exit when the head's top-1 probability is at least this "
                     "(default: the exit policy tuned for the heads, stored in the heads file)")
-    ap.add_argument("--max-pending", type=int, default=5, help="at most this many unverified early tokens")
+    ap.add_argument("--max-pending", type=int, help="at most this many unverified early tokens (default: 3 in int8 "
+                    "and int4, whose kernels compute 4 rows per pass; 5 otherwise)")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--device", default=default_device(), help="cuda when available, else cpu")
     ap.add_argument("--dtype", choices=DTYPES,
@@ -459,7 +470,7 @@ def main(argv=None):
             raise InputError(f"--threshold must be in [0, 1], got {a.threshold}")
         if a.max_new_tokens < 1:
             raise InputError(f"--max-new-tokens must be at least 1, got {a.max_new_tokens}")
-        if a.max_pending < 0:
+        if a.max_pending is not None and a.max_pending < 0:
             raise InputError(f"--max-pending must be at least 0, got {a.max_pending}")
         if a.prompt is not None and not a.prompt:
             raise InputError("--prompt is empty")

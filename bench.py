@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from adadecode import (DEFAULT_HEADS, DTYPES, check_device, default_device, eos_ids, exit_policy,
-                       generate_ada, generate_greedy, generate_selfspec, prompt_token_ids,
+from adadecode import (DEFAULT_HEADS, DTYPES, check_device, default_device, default_max_pending, eos_ids,
+                       exit_policy, generate_ada, generate_greedy, generate_selfspec, prompt_token_ids,
                        read_prompts, setup, sync)
 from model import InputError, precision, prepare_default_model, resolve_checkpoint
 from train_heads import CODE_REQUEST
@@ -318,7 +318,7 @@ def main(argv=None):
     ap.add_argument("--threshold", type=float, nargs="+",
                     help="AdaDecode with the paper's rule, top-1 probability >= threshold: one value, or several for "
                          "a sweep (default: the exit policy tuned for the heads, stored in the heads file)")
-    ap.add_argument("--max-pending", type=int, default=5)
+    ap.add_argument("--max-pending", type=int, help="as adadecode.py (default: 3 in int8 and int4, 5 otherwise)")
     ap.add_argument("--device", default=default_device(), help="cuda when available, else cpu")
     ap.add_argument("--dtype", choices=DTYPES, nargs="+",
                     help="default: int4 on the CPU for a model stored in 4 bits (the default model), else int8; "
@@ -350,7 +350,7 @@ def main(argv=None):
             raise InputError(f"--threshold values must be in [0, 1], got {a.threshold}")
         if a.n < 1:
             raise InputError("--n must be at least 1")
-        if a.max_new_tokens < 1 or a.max_pending < 0:
+        if a.max_new_tokens < 1 or (a.max_pending or 0) < 0:
             raise InputError("--max-new-tokens must be at least 1 and --max-pending at least 0")
         if a.repeats < 1:
             raise InputError("--repeats must be at least 1")
@@ -377,6 +377,8 @@ def main(argv=None):
                 model.compile_blocks()
             from simulate import Recorder
             engines[dt] = (model, heads, Recorder(model, heads) if heads is not None else None)
+        # at most this many unverified early tokens, per dtype (int8 and int4: 3, their kernels' 4-row pass)
+        pending = {dt: default_max_pending(engines[dt][0]) if a.max_pending is None else a.max_pending for dt in dtypes}
         eos = eos_ids(model, tok)
         ids = prompt_token_ids(model, tok, prompts, a.max_new_tokens, a.raw)
         hf = None
@@ -393,11 +395,11 @@ def main(argv=None):
         op_counts, t_warm = {}, time.perf_counter()
         for dt, m, t in runs:   # warm-up, untimed: every code path once, and every row count a layer call can have
             model, heads, _ = engines[dt]
-            run_method(m, model, heads, ids[0], 16, eos, t, a.max_pending)
-            warm_row_counts(model, a.max_pending + 1)
+            run_method(m, model, heads, ids[0], 16, eos, t, pending[dt])
+            warm_row_counts(model, pending[dt] + 1)
             if not a.compile:        # counted in eager mode (a dispatch mode would disturb compiled code)
                 op_counts[label(dt, m, t)] = operator_calls(lambda: run_method(m, model, heads, ids[0], 32, eos, t,
-                                                                                   a.max_pending))
+                                                                                   pending[dt]))
         if hf is not None:
             hf_greedy(hf, ids[0], 16, a.device)
         warm_up_seconds = time.perf_counter() - t_warm     # with --compile: mostly compiling, reported apart
@@ -409,7 +411,7 @@ def main(argv=None):
             for dt, m, t in runs:   # interleaved: every dtype and method on this prompt before the next prompt
                 model, heads, rec = engines[dt]
                 per_method = reset_peak_memory(a.device)
-                r = run_method(m, model, heads, x, a.max_new_tokens, eos, t, a.max_pending,
+                r = run_method(m, model, heads, x, a.max_new_tokens, eos, t, pending[dt],
                                trace=(i == 0 and m == "ada" and t == thresholds[0] and dt == dtypes[0]))
                 run_peak = peak_memory(a.device)
                 if m == "greedy":
@@ -420,7 +422,7 @@ def main(argv=None):
                 st["peak_memory"] = run_peak
                 if m == "ada":   # the simulator's prediction from greedy's trace, beside the measured schedule
                     sim, _ = rec.replay([rec.record(x, ref[dt], a.max_new_tokens, eos)], exit_policy(heads, t),
-                                        a.max_pending, exact=True)
+                                        pending[dt], exact=True)
                     st["sim_sequential_layers"] = sim[0].sequential_layers
                 rows.append(result_row(i, p, label(dt, m, t), label(dt, "greedy", None), m, t, dt, r.tokens, ref[dt],
                                        r.seconds, r.prefill_seconds, st, model, x))
@@ -434,7 +436,7 @@ def main(argv=None):
                 k = rep % len(runs)
                 for dt, m, t in runs[k:] + runs[:k]:
                     model, heads, _ = engines[dt]
-                    r = run_method(m, model, heads, x, a.max_new_tokens, eos, t, a.max_pending)
+                    r = run_method(m, model, heads, x, a.max_new_tokens, eos, t, pending[dt])
                     repeat(first[label(dt, m, t)], r.tokens, r.seconds, ref[dt], model, x)
                 if hf is not None:
                     toks, secs, _ = hf_greedy(hf, x, a.max_new_tokens, a.device)
@@ -451,7 +453,8 @@ def main(argv=None):
         mem = peak_memory(a.device) if not per_method else max(s["peak_memory_bytes"] for s in summary.values())
         bw = read_bandwidth(a.device)
         print_table(summary, f"{len(prompts)} prompts x {a.max_new_tokens} new tokens, {mach['device']} {mach['dtype']}, "
-                             f"{mach.get('gpu', mach['cpu'])}" + (f", median of {a.repeats} runs per prompt" if a.repeats > 1 else ""))
+                             f"{mach.get('gpu', mach['cpu'])}, max_pending {'/'.join(str(pending[dt]) for dt in dtypes)}"
+                             + (f", median of {a.repeats} runs per prompt" if a.repeats > 1 else ""))
         print("per generated token (prompt 0 for operator calls): " + "; ".join(
             f"{k} {v['host_syncs_per_token']:.2f} host syncs, " + (f"{v['operator_calls_per_token']:.0f} operator calls"
                                                                   if "operator_calls_per_token" in v else "operator calls not counted")
@@ -492,7 +495,7 @@ def main(argv=None):
         figs = plots(out, summary, trace, a.threshold or [], model.args.n_layers, heads.layers if heads else [])
         result = {"machine": mach, "args": vars(a), "summary": summary, "per_category": per_cat,
                   "bandwidth_gb_s": bw, "warm_up_seconds": warm_up_seconds, "per_dtype": floors, "dtype_agreement": agreement, "peak_memory_bytes": mem,
-                  "heads": heads.meta if heads else None, "rows": rows}
+                  "max_pending": pending, "heads": heads.meta if heads else None, "rows": rows}
         (out / "results.json").write_text(json.dumps(result, indent=1))
         with open(out / "results.csv", "w", newline="") as f:
             w = csv.writer(f)

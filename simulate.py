@@ -273,7 +273,9 @@ class Recorder:
                 out.setdefault((d, tuple(toks[:k + 1])), {})[l] = g
         return out
 
-    def replay(self, traces, policy, max_pending=5, exact=False):
+    def replay(self, traces, policy, max_pending=None, exact=False):
+        from adadecode import default_max_pending
+        max_pending = default_max_pending(self.model) if max_pending is None else max_pending
         return replay(traces, self.layers, self.model.args.n_layers, self.model.args.max_seq_len, policy,
                       max_pending, self.branch if exact else None)
 
@@ -466,7 +468,7 @@ def print_row(name, f):
 
 
 def main(argv=None):
-    from adadecode import DEFAULT_HEADS, default_device, read_prompts, setup
+    from adadecode import DEFAULT_HEADS, default_device, default_max_pending, read_prompts, setup
     from exits import from_spec
     from model import prepare_default_model
     from train_heads import default_split
@@ -478,7 +480,7 @@ def main(argv=None):
     ap.add_argument("--raw", action="store_true", help="no chat template")
     ap.add_argument("--n", type=int, default=400, help="prompts (train + held-out) of the default set, as train_heads.py")
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--max-pending", type=int, default=5)
+    ap.add_argument("--max-pending", type=int, help="as adadecode.py (default: 3 in int8 and int4, 5 otherwise)")
     ap.add_argument("--exact", action="store_true", help="compute wrong-branch guesses with the model (slower)")
     ap.add_argument("--dtype", choices=["int4", "int8", "float32"],
                     help="the model's dtype for the traces, the head checks and the cost model (default: as "
@@ -492,7 +494,7 @@ def main(argv=None):
                          "split) and store it in the heads file")
     a = ap.parse_args(argv)
     try:
-        if a.max_new_tokens < 1 or a.max_pending < 0 or a.n < 4:
+        if a.max_new_tokens < 1 or (a.max_pending or 0) < 0 or a.n < 4:
             raise InputError("--max-new-tokens must be >= 1, --max-pending >= 0, --n >= 4")
         heads_path = a.heads or (DEFAULT_HEADS if not a.model else None)
         if not heads_path:
@@ -507,6 +509,8 @@ def main(argv=None):
             train, held = default_split(a.n, heads.meta.get("training", {}).get("domains", "code"))
         if a.fit and not train:
             raise InputError("--fit needs the default prompt set (a training split for the classifier)")
+        if a.max_pending is None:
+            a.max_pending = default_max_pending(model)
         rec = Recorder(model, heads)
         sets = {name: traces_for(rec, tok, folder, heads_path, ps, a.max_new_tokens, a.raw)
                 for name, ps in (("held-out", held), ("train", train if a.fit else [])) if ps}
