@@ -441,8 +441,8 @@ def traces_for(rec, tok, folder, heads_path, prompts, max_new_tokens, raw=False)
 
 
 def default_traces(split="held-out", n=400, max_new_tokens=128, heads_path=None):
-    """(Recorder, traces) for the default model and heads on train_heads.py's code prompts:
-    the held-out split (for choosing policies) or the training split."""
+    """(Recorder, traces) for the default model and heads on train_heads.py's prompts of the
+    heads' domains: the held-out split (for choosing policies) or the training split."""
     from adadecode import DEFAULT_HEADS, setup
     from model import prepare_default_model
     from train_heads import default_split
