@@ -696,6 +696,9 @@ def load_model(folder, dtype=torch.float32, device="cpu", pack=True):
         quantize = quantize_int8 if dtype == torch.int8 else quantize_int4
         return quantize(load_model(folder, torch.float32, device, pack=False))
     folder = resolve_checkpoint(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: {'not a folder' if folder.exists() else 'no such folder'} (a checkpoint is "
+                              f"a folder with config.json and safetensors files)")
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder}: no config.json (is this a Hugging Face checkpoint folder?)")
     args = ModelArgs.from_hf(read_json(folder / "config.json"))

@@ -407,7 +407,7 @@ def test_hub_ids_resolve_through_the_local_cache(tiny, tmp_path, monkeypatch, ca
     assert main(["--model", "org/absent", "--prompt", "hi"]) == 2
     assert "not in the local hub cache" in one_line_error(capsys)
     assert main(["--model", "not/a/hub/id", "--prompt", "hi"]) == 2
-    assert "no config.json" in one_line_error(capsys)
+    assert "not/a/hub/id: no such folder" in one_line_error(capsys)
 
 
 @pytest.mark.parametrize("error,message", [("GatedRepoError", "gated"), ("RepositoryNotFoundError", "does not exist")])

@@ -129,8 +129,13 @@ def test_tokenizer_round_trip_and_chat_template(real):
 # --- error paths: a one-line message, never a traceback from inside torch ----------
 
 def test_loader_errors(tmp_path):
-    with pytest.raises(CheckpointError, match="no config.json"):
+    with pytest.raises(CheckpointError, match="nowhere: no such folder"):
         load_model(tmp_path / "nowhere")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="file: not a folder"):
+        load_model(tmp_path / "file")
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_model(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(CheckpointError, match="gpt2 checkpoints are not supported"):
         load_model(tmp_path)
