@@ -31,7 +31,7 @@ from tqdm import tqdm
 from adadecode import (DEFAULT_HEADS, DTYPES, check_device, default_device, default_max_pending, eos_ids,
                        exit_policy, generate_ada, generate_greedy, generate_selfspec, prompt_token_ids,
                        read_prompts, setup, sync)
-from model import InputError, precision, prepare_default_model, resolve_checkpoint
+from model import InputError, check_writable, precision, prepare_default_model, resolve_checkpoint
 from train_heads import CODE_REQUEST
 
 
@@ -42,9 +42,7 @@ def check_writable_folder(folder, flag):
     """Before the long work: `folder` is, or can become, a folder this process can write."""
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{flag} {folder} is a file; give a folder (checked now, before the benchmark runs)")
-    parent = next(p for p in [folder, *folder.parents] if p.exists())
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"{flag} {folder}: {parent} is not writable (checked now, before the benchmark runs)")
+    check_writable(folder, f"{flag} {folder}", "before the benchmark runs")
 
 
 def humaneval_prompts():

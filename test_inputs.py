@@ -287,6 +287,11 @@ def test_run_cli_exit_codes(capsys):
         raise InputError("--n must be at least 1")
     assert run_cli(interrupted) == 130 and capsys.readouterr().err.strip() == "interrupted"
     assert run_cli(bad) == 2 and capsys.readouterr().err.strip() == "error: --n must be at least 1"
+
+    def disk_full():
+        raise OSError(28, "No space left on device", "out/bench/results.json")
+    assert run_cli(disk_full) == 1
+    assert capsys.readouterr().err.strip() == "error: [Errno 28] No space left on device: 'out/bench/results.json'"
     assert run_cli(lambda: 0) == 0
 
 
@@ -565,6 +570,22 @@ def test_train_heads_refuses_bad_arguments_before_training(tmp_path, argv, messa
     assert message in one_line_error(capsys)
     assert train_heads.main(["--out", str(tmp_path)]) == 2              # a folder where the heads file goes
     assert "is a folder" in one_line_error(capsys)
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_the_long_work(tmp_path, capsys, monkeypatch):
+    """Tried by writing, not by os.access, which says yes to root in /proc or on a read-only mount."""
+    import bench
+    import train_heads
+    monkeypatch.setattr(bench, "setup", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    monkeypatch.setattr(train_heads, "load_model", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    (tmp_path / "file").write_text("")
+    places = [tmp_path / "file" / "sub"] + ([Path("/proc/adadecode")] if Path("/proc/self").is_dir() else [])
+    for place in places:
+        assert bench.main(["--out", str(place)]) == 2
+        assert "is not writable" in one_line_error(capsys)
+        assert train_heads.main(["--out", str(place / "h.safetensors")]) == 2
+        assert "is not writable" in one_line_error(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]        # the check leaves nothing behind
 
 
 def test_json_speed_counts_decoded_tokens_only(capsys):

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from adadecode import check_device, default_device, prompt_token_ids, read_prompts
 from heads import ExitHeads
-from model import (InputError, Tokenizer, default_model_dir, eos_ids, int4_unsupported, int8_unsupported, load_model,
+from model import (InputError, Tokenizer, check_writable, default_model_dir, eos_ids, int4_unsupported, int8_unsupported, load_model,
                    prepare_default_model, quantize_int4, quantize_int8, resolve_checkpoint)
 
 CODE_REQUEST = "Complete the following Python function.\n\n```python\n{code}```"
@@ -384,9 +384,7 @@ def main(argv=None):
                 raise InputError(f"{flag} is out of range (see --help)")
         if Path(a.out).is_dir():   # checked before the long work, not after it
             raise InputError(f"--out {a.out} is a folder; give the heads file's path")
-        parent = next(p for p in Path(a.out).absolute().parents if p.exists())
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise InputError(f"--out {a.out}: {parent} is not writable (checked now, before training)")
+        check_writable(Path(a.out).absolute().parent, f"--out {a.out}", "before training")
         a.device = str(check_device(a.device or default_device()))
         if a.dtype != "float32" and a.device != "cpu":
             raise InputError(f"--dtype {a.dtype} evaluates on the CPU only (give --device cpu)")
