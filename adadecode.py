@@ -114,8 +114,8 @@ def prompt_token_ids(model, tok, prompts, max_new_tokens, raw=False):
     them runs: a prompt that does not fit stops a long run at its start, not halfway."""
     ids = []
     for n, p in enumerate(prompts, 1):
-        x = tok.prompt_ids(p["prompt"], raw=raw)
         try:
+            x = tok.prompt_ids(p["prompt"], raw=raw)
             token_budget(model, x, max_new_tokens)
         except InputError as e:
             raise InputError(f"prompt {n} of {len(prompts)}: {e}" if len(prompts) > 1 else str(e)) from None

@@ -791,6 +791,11 @@ class Tokenizer:
             raise CheckpointError(f"tokenizer_config.json: the chat template fails ({e}); use raw mode (--raw)") from None
 
     def prompt_ids(self, text, raw=False):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:   # a lone surrogate: from a JSON "\ud800" or undecodable bytes in argv
+            raise InputError(f"the prompt is not valid Unicode text (a lone surrogate, U+{ord(text[e.start]):04X}, "
+                             f"at character {e.start})") from None
         if raw:
             return self.encode(text)
         return self.encode(self.render_chat(text), add_special_tokens=False)

@@ -479,6 +479,26 @@ def test_a_prompt_too_long_for_the_context_stops_the_run_before_it_starts(tiny, 
     assert "prompt 4 of 4: the prompt has" in one_line_error(capsys)
 
 
+def test_a_prompt_that_is_not_unicode_text_is_one_line(tiny, tmp_path, capsys, monkeypatch):
+    """A lone surrogate (JSON's "\\ud800", or bytes in argv that are not UTF-8) is refused
+    before anything runs, naming the prompt, in chat and raw mode; the tokenizer would
+    raise a TypeError from inside its Rust code."""
+    import bench
+    monkeypatch.setattr(bench, "run_method", lambda *a, **k: pytest.fail("a prompt ran before the check"))
+    (tmp_path / "p.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "a \\ud800 b"}\n')
+    common = ["--model", str(tiny), "--max-new-tokens", "4"]
+    for raw in ([], ["--raw"]):
+        assert main(common + raw + ["--prompts", str(tmp_path / "p.jsonl")]) == 2
+        assert "prompt 2 of 2: the prompt is not valid Unicode text (a lone surrogate, U+D800, at character 2)" \
+            in one_line_error(capsys)
+        assert main(common + raw + ["--prompt", "x \udcff"]) == 2           # how Python reads the byte 0xff in argv
+        assert "U+DCFF" in one_line_error(capsys)
+    assert bench.main(common + ["--prompts", str(tmp_path / "p.jsonl"), "--n", "2", "--methods", "greedy",
+                                "--out", str(tmp_path / "b")]) == 2
+    assert "prompt 2 of 2: the prompt is not valid Unicode" in one_line_error(capsys)
+    assert capsys.readouterr().out == ""
+
+
 def test_gguf_to_hf_command_refuses_an_existing_folder_and_knows_help(tmp_path):
     """The converter's command line: --help is help (it once converted into a folder named
     "--help"), and an existing folder or file is one line and exit 2, before any work."""
