@@ -6,6 +6,12 @@ the model's own frozen final norm and LM head (AdaDecode, Wei et al. 2025):
 
 We apply the final RMSNorm after T (the paper does not say where it goes), so an
 untrained head is exactly the logit lens and T only has to learn a correction.
+A head set may add a Medusa-style residual block after T (Cai et al. 2024), a second
+d x d matrix W, zero at the start so the head is still the logit lens:
+
+    u = T @ h;  head_logits = lm_head(final_norm(u + silu(W @ u)))
+
+(`train_heads.py --residual`; README, "The heads shipped for the default model").
 A check returns a `Guess`: the head's top-1 token and a few cheap confidence features
 (top-1 and top-2 probability, entropy, log-sum-exp of the logits). Whether to exit on
 it is not the head's business: an exit policy (exits.py) decides.
@@ -29,6 +35,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from model import InputError, Int8Linear, linear_rows, model_fingerprint
 
@@ -60,7 +67,9 @@ def check_layers(layers, n_layers):
 
 
 class ExitHeads(nn.Module):
-    def __init__(self, model, layers, transforms=None):
+    def __init__(self, model, layers, transforms=None, residual=None):
+        """residual: None (no residual block), True (one per head, zero: trained from there)
+        or the blocks' matrices (n_heads, d, d)."""
         super().__init__()
         self.layers = check_layers(layers, model.args.n_layers)
         self.index = {l: i for i, l in enumerate(self.layers)}
@@ -69,10 +78,15 @@ class ExitHeads(nn.Module):
         if transforms is None:
             transforms = torch.eye(d, dtype=model.dtype, device=model.device).repeat(len(self.layers), 1, 1)
         self.T = nn.Parameter(transforms.to(model.dtype))               # (n_heads, d, d)
+        if residual is True:
+            residual = torch.zeros_like(self.T)
+        self.W = None if residual is None else nn.Parameter(residual.to(model.dtype))   # (n_heads, d, d) or None
         self._frozen = (model.norm, model.output)   # a tuple: not registered, not saved, not trained
-        # on an int8 model the check runs T through the int8 kernel too (T is fixed there: heads
-        # are trained on a float model)
-        self._T8 = tuple(Int8Linear(t) for t in self.T) if isinstance(model.output, Int8Linear) else None
+        # on an int8 model the check runs T (and W) through the int8 kernel too (fixed there:
+        # heads are trained on a float model)
+        quantized = isinstance(model.output, Int8Linear)
+        self._T8 = tuple(Int8Linear(t) for t in self.T) if quantized else None
+        self._W8 = tuple(Int8Linear(w) for w in self.W) if quantized and self.W is not None else None
         self.fingerprint = model_fingerprint(model)
         self.meta = {}
         self.shortlist = self._short_ids = None
@@ -88,10 +102,19 @@ class ExitHeads(nn.Module):
         self._short_ids = self.shortlist.tolist()                       # index -> token id, on the host
         return self
 
+    def transform(self, layer, h):
+        """What the head after `layer` hands the final norm: T h, plus the residual block's
+        silu(W T h) when the heads have one. On an int8 model, through the int8 kernel."""
+        i = self.index[layer]
+        u = self._T8[i](h) if self._T8 else h @ self.T[i].T
+        if self.W is not None:
+            u = u + F.silu(self._W8[i](u) if self._W8 else u @ self.W[i].T)
+        return u
+
     def logits(self, layer, h):
         """Head logits (..., V) for hidden states h (..., d) after `layer`."""
         norm, output = self._frozen
-        return output(norm(h @ self.T[self.index[layer]].T))
+        return output(norm(self.transform(layer, h)))
 
     @torch.no_grad()
     def features(self, layer, h):
@@ -99,8 +122,7 @@ class ExitHeads(nn.Module):
         The index is into the shortlist when there is one."""
         norm, output = self._frozen
         project = output if self.shortlist is None else self._short_out[0]
-        i = self.index[layer]
-        z = project(norm(self._T8[i](h) if self._T8 else h @ self.T[i].T))  # (..., V) or (..., K)
+        z = project(norm(self.transform(layer, h)))                        # (..., V) or (..., K)
         z = z.float() if z.element_size() < 4 else z                        # at least float32
         lse = torch.logsumexp(z, dim=-1)
         top, j = z.topk(min(2, z.shape[-1]), dim=-1)                        # (..., 2)
@@ -126,6 +148,8 @@ class ExitHeads(nn.Module):
         self.meta.update(meta)
         info = {"layers": json.dumps(self.layers), "fingerprint": self.fingerprint, "meta": json.dumps(self.meta)}
         tensors = {"T": self.T.detach().float().cpu().contiguous()}
+        if self.W is not None:
+            tensors["W"] = self.W.detach().float().cpu().contiguous()
         if self.shortlist is not None:
             tensors["shortlist"] = self.shortlist.cpu()
         tmp = f"{path}.tmp{os.getpid()}"              # written whole, then renamed: never half a file
@@ -143,6 +167,7 @@ class ExitHeads(nn.Module):
             with safe_open(str(path), framework="pt") as f:
                 info, T = f.metadata() or {}, f.get_tensor("T")
                 shortlist = f.get_tensor("shortlist") if "shortlist" in f.keys() else None
+                W = f.get_tensor("W") if "W" in f.keys() else None
         except FileNotFoundError:
             raise InputError(f"{path}: no such heads file") from None
         except Exception as e:   # safetensors raises its own error types
@@ -164,11 +189,14 @@ class ExitHeads(nn.Module):
                              f"the file has {tuple(T.shape)} {T.dtype}")
         if not torch.isfinite(T).all():
             raise InputError(f"{path}: its transforms hold NaN or infinite values")
+        if W is not None and (W.shape != T.shape or not W.is_floating_point() or not torch.isfinite(W).all()):
+            raise InputError(f"{path}: the residual blocks W must be finite and shaped like the transforms "
+                             f"{tuple(T.shape)}, the file has {tuple(W.shape)} {W.dtype}")
         if shortlist is not None and (shortlist.dim() != 1 or shortlist.dtype != torch.long or len(shortlist) < 1 or
                                       shortlist.min() < 0 or shortlist.max() >= model.args.vocab_size):
             raise InputError(f"{path}: the shortlist must be token ids in [0, {model.args.vocab_size}), "
                              f"the file has {tuple(shortlist.shape)} {shortlist.dtype}")
-        heads = cls(model, layers, T.to(model.device))
+        heads = cls(model, layers, T.to(model.device), None if W is None else W.to(model.device))
         heads.meta = meta
         heads.set_shortlist(shortlist)
         if "policy" in meta:

@@ -28,35 +28,53 @@ def test_identity_head_is_the_logit_lens():
     assert heads.check_rows(1, h[:1]) == [g]             # batched and single-row checks agree
 
 
+def test_a_zero_residual_block_is_still_the_logit_lens_and_a_trained_one_changes_the_head():
+    model = random_llama(1)
+    h = torch.randn(5, model.args.dim, dtype=torch.float64)
+    heads = ExitHeads(model, [1, 3], residual=True)
+    assert_close(heads.logits(3, h), model.logits(h), atol=1e-12, rtol=1e-12, what="zero residual block vs the lens")
+    with torch.no_grad():
+        heads.W.normal_()
+    u = h @ heads.T[1].T
+    assert_close(heads.logits(3, h), model.logits(u + torch.nn.functional.silu(u @ heads.W[1].T)), atol=1e-12,
+                 rtol=1e-12, what="u + silu(W u)")
+
+
 def test_training_lowers_the_kl():
     model = random_llama(2, n_layers=4)
     g = torch.Generator().manual_seed(0)
     seqs = [(torch.randint(0, 97, (6,), generator=g).tolist(), torch.randint(0, 97, (10,), generator=g).tolist())
             for _ in range(6)]
-    heads = ExitHeads(model, [1, 2])
-    feats, final = collect_features(model, heads.layers, seqs)
-    assert final.shape == (6 * 10, model.args.dim)      # last prompt position + all response positions but the last
-    idx = torch.arange(len(final))
-    before = kl_loss(heads, feats, final, idx).item()
-    heads.requires_grad_(True)
-    opt = torch.optim.Adam([heads.T], lr=1e-2)
-    for _ in range(20):
-        loss = kl_loss(heads, feats, final, idx)
-        opt.zero_grad(), loss.backward(), opt.step()
-    after = kl_loss(heads, feats, final, idx).item()
-    assert after < 0.7 * before, (before, after)
-    table, _ = evaluate(heads.requires_grad_(False), feats, final)
-    assert set(table) == {1, 2} and all(0 <= r["agreement"] <= 1 for r in table.values())
+    for residual in (None, True):                          # the transform alone, and with residual blocks
+        heads = ExitHeads(model, [1, 2], residual=residual)
+        feats, final = collect_features(model, heads.layers, seqs)
+        assert final.shape == (6 * 10, model.args.dim)      # last prompt position + all response positions but the last
+        idx = torch.arange(len(final))
+        before = kl_loss(heads, feats, final, idx).item()
+        heads.requires_grad_(True)
+        opt = torch.optim.Adam(heads.parameters(), lr=1e-2)
+        for _ in range(20):
+            loss = kl_loss(heads, feats, final, idx)
+            opt.zero_grad(), loss.backward(), opt.step()
+        after = kl_loss(heads, feats, final, idx).item()
+        assert after < 0.7 * before, (residual, before, after)
+        assert residual is None or heads.W.abs().max() > 0  # the block learned something
+        table, _ = evaluate(heads.requires_grad_(False), feats, final)
+        assert set(table) == {1, 2} and all(0 <= r["agreement"] <= 1 for r in table.values())
 
 
 def test_save_load_round_trip_and_refusals(tmp_path):
     model = random_llama(3)
-    heads = ExitHeads(model, [2, 4], torch.randn(2, model.args.dim, model.args.dim, dtype=torch.float64))
+    heads = ExitHeads(model, [2, 4], torch.randn(2, model.args.dim, model.args.dim, dtype=torch.float64),
+                      torch.randn(2, model.args.dim, model.args.dim, dtype=torch.float64))
     heads.set_shortlist([5, 7, 11])
     heads.save(tmp_path / "h.safetensors", evaluation={"x": 1})
     back = ExitHeads.load(tmp_path / "h.safetensors", model)
     assert back.layers == [2, 4] and back.meta["evaluation"] == {"x": 1}
     assert_close(back.T, heads.T.float().double(), atol=1e-6, what="transforms")   # stored in float32
+    assert_close(back.W, heads.W.float().double(), atol=1e-6, what="residual blocks")
+    ExitHeads(model, [2, 4]).save(tmp_path / "plain.safetensors")
+    assert ExitHeads.load(tmp_path / "plain.safetensors", model).W is None      # files without blocks load as before
     assert back.shortlist.tolist() == [5, 7, 11] and back.check(2, torch.randn(model.args.dim, dtype=torch.float64)).token in (5, 7, 11)
     with pytest.raises(InputError, match="another model"):
         ExitHeads.load(tmp_path / "h.safetensors", random_llama(4))

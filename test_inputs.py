@@ -209,6 +209,8 @@ def heads_file(tmp_path, model, **overrides):
     ({"layers": json.dumps([1])}, "transforms of shape"),
     ({"T": torch.eye(5).repeat(2, 1, 1)}, "transforms of shape"),
     ({"T": torch.full((2, 32, 32), float("nan"))}, "NaN"),
+    ({"W": torch.zeros(2, 32, 31)}, "residual blocks"),
+    ({"W": torch.full((2, 32, 32), float("inf"))}, "residual blocks"),
     ({"shortlist": torch.tensor([1, 10**6])}, "shortlist"),
     ({"shortlist": torch.tensor([-1])}, "shortlist"),
     ({"meta": json.dumps({"policy": {"kind": "guard"}})}, "policy"),

@@ -34,12 +34,16 @@ class AdversarialHeads:
         return Guess(tok, 1.0, 0.0, 0.0, 0.0)
 
 
-def random_heads(model, layers, seed, noise):
+def random_heads(model, layers, seed, noise, residual=None):
+    """Heads near the logit lens, with residual blocks (heads.py) too if `residual`, or for
+    every other seed when it is None."""
     g = torch.Generator().manual_seed(seed)
     d = model.args.dim
     T = torch.eye(d, dtype=torch.float64).repeat(len(layers), 1, 1)
     T = T + noise * torch.randn(T.shape, generator=g, dtype=torch.float64) / d ** 0.5
-    return ExitHeads(model, layers, T)
+    residual = seed % 2 == 1 if residual is None else residual
+    W = noise * torch.randn(T.shape, generator=g, dtype=torch.float64) / d ** 0.5 if residual else None
+    return ExitHeads(model, layers, T, W)
 
 
 def check_same_cache(a, b):

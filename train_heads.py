@@ -290,7 +290,7 @@ def kl_loss(heads, feats, final, idx, vocab=None, ce=0.0):
         target = teacher.argmax(-1)
     loss = 0.0
     for l in heads.layers:
-        student = F.log_softmax((norm(feats[l][idx] @ heads.T[heads.index[l]].T) @ w.T).float(), dim=-1)
+        student = F.log_softmax((norm(heads.transform(l, feats[l][idx])) @ w.T).float(), dim=-1)
         loss = loss + F.kl_div(student, teacher, log_target=True, reduction="batchmean")
         if ce:
             loss = loss + ce * F.nll_loss(student, target)
@@ -368,6 +368,8 @@ def main(argv=None):
                     help="default prompts only: do not add the functions' real sources as teacher-forced training text")
     ap.add_argument("--domains", choices=["code", "mixed"], default="code",
                     help="default prompts only: code requests alone, or with math, summarisation, chat and translation")
+    ap.add_argument("--residual", action="store_true",
+                    help="add a Medusa-style residual block after each head's transform: u + silu(W u), W from zero")
     ap.add_argument("--ce", type=float, default=0.0, help="weight of a cross-entropy term on the final layer's top-1")
     ap.add_argument("--device", help="where to train: cuda when available, else cpu")
     ap.add_argument("--dtype", choices=["float32", "int8", "int4"], default="float32",
@@ -398,7 +400,7 @@ def main(argv=None):
             raise InputError(f"--dtype {a.dtype}: {why}")
         L = model.args.n_layers
         a.layers = a.layers or sorted({max(1, round(L * f)) for f in (0.25, 0.5, 0.75)})
-        heads = ExitHeads(model, a.layers)
+        heads = ExitHeads(model, a.layers, residual=True if a.residual else None)
         if a.prompts:
             prompts, source = read_prompts(a.prompts), f"prompt file {Path(a.prompts).name}"
             prompt_token_ids(model, tok, prompts, a.max_new_tokens, a.raw)      # every one fits the context
@@ -433,13 +435,14 @@ def main(argv=None):
 
         before, _ = evaluate(heads, ho_feats, ho_final)
         heads.requires_grad_(True)
-        opt = torch.optim.Adam([heads.T], lr=a.lr)
+        opt = torch.optim.Adam(heads.parameters(), lr=a.lr)        # T, and W with --residual
         steps = a.epochs * math.ceil(len(tr_final) / a.batch)
         warm = max(1, int(0.03 * steps))   # cosine schedule with 3% warm-up, as in the paper
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
         agreement = lambda: sum(r["agreement"] for r in evaluate(heads, ho_feats, ho_final)[0].values())
-        best = (agreement(), heads.T.detach().clone(), 0)
+        snapshot = lambda: [p.detach().clone() for p in heads.parameters()]
+        best = (agreement(), snapshot(), 0)
         bar = tqdm(total=steps, desc="training heads", unit="step")
         for epoch in range(a.epochs):
             for idx in torch.randperm(len(tr_final)).split(a.batch):
@@ -452,10 +455,11 @@ def main(argv=None):
                 bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
             score = agreement()            # early stopping: keep the epoch whose heads agree most on held-out data
             if score > best[0]:
-                best = (score, heads.T.detach().clone(), epoch + 1)
+                best = (score, snapshot(), epoch + 1)
         bar.close()
         heads.requires_grad_(False)
-        heads.T.copy_(best[1])
+        for p, kept in zip(heads.parameters(), best[1]):
+            p.copy_(kept)
         print(f"kept the heads after epoch {best[2]} of {a.epochs} (held-out agreement summed over heads {best[0]:.3f})")
         if vocab is not None:
             covered = sum(t in set(heads.shortlist.tolist()) for _, r in held for t in r) / sum(len(r) for _, r in held)
@@ -466,7 +470,7 @@ def main(argv=None):
         print("held-out evaluation, trained:\n" + format_table(table))
         if q is not None:              # the same heads, checked as the quantised engine checks them
             q = quantize(q)
-            q_heads = ExitHeads(q, heads.layers, heads.T.detach()).set_shortlist(
+            q_heads = ExitHeads(q, heads.layers, heads.T.detach(), None if heads.W is None else heads.W.detach()).set_shortlist(
                 None if heads.shortlist is None else heads.shortlist.tolist())
             table, points = evaluate(q_heads, *collect_features(q, heads.layers, held))
             print(f"held-out evaluation, trained, on the {a.dtype} model:\n" + format_table(table))
@@ -477,7 +481,7 @@ def main(argv=None):
         heads.save(out, training={"source": source, "prompts": len(train), "positions": len(tr_final),
                                   "max_new_tokens": a.max_new_tokens, "epochs": a.epochs, "lr": a.lr,
                                   "batch": a.batch, "seed": a.seed, "shortlist": a.shortlist, "ce": a.ce,
-                                  "sources": a.sources and not a.prompts, "kept_epoch": best[2],
+                                  "residual": a.residual, "sources": a.sources and not a.prompts, "kept_epoch": best[2],
                                   "domains": a.domains, "layers": a.layers, "model": a.model or "SmolLM2-135M-Instruct",
                                   "command": " ".join(sys.argv)},
                    evaluation={"heldout_prompts": len(held), "heldout_positions": len(ho_final), "dtype": a.dtype,
