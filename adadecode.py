@@ -377,10 +377,10 @@ def setup(model_dir, heads_path, device, dtype=None):
     weights are 4-bit already (int4 loses no more than int8 would: the default model,
     converted from a 4-bit GGUF file), else int8; both about twice or three times float32's
     speed, and AdaDecode bit for bit their greedy (README, 'int8 and int4 on the CPU').
-    Otherwise float32, packed for oneDNN on the CPU."""
+    Otherwise float32, packed for oneDNN on a CPU where that is faster (model.pack_float32)."""
     check_device(device)
     folder = model_dir or prepare_default_model()
-    model = load_model(folder, dtype=dtype or torch.float32, device=device, pack=dtype is not None)
+    model = load_model(folder, dtype=dtype or torch.float32, device=device, pack="faster" if dtype is not None else False)
     if dtype is None:
         if not int4_unsupported(model) and int4_is_lossless(model):
             quantize_int4(model)

@@ -469,6 +469,12 @@ def main(argv=None):
                   f"read bandwidth = {bw * 1e9 / wbytes:.1f} tok/s; greedy reaches {g:.1f} tok/s "
                   f"({g / (bw * 1e9 / wbytes):.0%} of the floor); weights in memory "
                   f"{floors[dt]['weight_memory_bytes'] / 2**20:.0f} MiB")
+            packing = getattr(engines[dt][0], "packing", None)
+            if packing:                  # float32 on the CPU: which kernel load_model's timing chose
+                floors[dt]["packing"] = packing
+                print(f"{dt}: {'oneDNN packed kernel' if packing['packed'] else 'F.linear'} chosen at load: every "
+                      f"matrix for 1 and 3 rows took {packing['packed_seconds'] * 1e3:.1f} ms packed, "
+                      f"{packing['dense_seconds'] * 1e3:.1f} ms with F.linear")
             calls = summary[label(dt, "greedy", None)].get("operator_calls_per_token")
             if calls and torch.device(a.device).type == "cuda":   # at batch 1 a small model is launch-bound
                 floors[dt]["launch_bound_tokens_per_second"] = 1 / (calls * LAUNCH_SECONDS)

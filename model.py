@@ -292,11 +292,13 @@ def linear_rows(linear, ids):
 
 class PackedLinear(nn.Module):
     """float32 on the CPU: the same weights, reordered once into oneDNN's blocked layout
-    and multiplied by its kernel. On this project's AMD EPYC a one-row product reads the
-    weights 1.5x as fast as F.linear's, and 2, 3 or 4 rows cost hardly more than one
-    (F.linear: 1.3-1.5x), which is where AdaDecode's calls are. Same float32 numbers,
-    another summation order. The LM head keeps a reference to its dense matrix too (the
-    tied embedding, the heads' shortlist rows and their training read it)."""
+    and multiplied by its kernel. Whether that beats F.linear depends on the CPU: on this
+    project's AMD EPYC a one-row product reads the weights 1.5x as fast, and 2, 3 or 4 rows
+    cost hardly more than one (F.linear: 1.3-1.5x), which is where AdaDecode's calls are;
+    on its Intel Xeon (AMX) F.linear is faster for every matrix. So pack_float32 times both
+    at load time. Same float32 numbers, another summation order. The LM head keeps a
+    reference to its dense matrix too (the tied embedding, the heads' shortlist rows and
+    their training read it)."""
 
     def __init__(self, weight, bias=None, keep_weight=False):
         super().__init__()
@@ -326,17 +328,42 @@ def pack_unsupported(model):
     return None
 
 
-def pack_float32(model):
-    """Replace every linear layer by a PackedLinear, in place (float32 on the CPU; the
-    model loads this way by default: load_model(..., pack=False) keeps nn.Linear)."""
+def time_packing(pairs, rows=(1, 3), repeats=3):
+    """Seconds to multiply through every (dense, packed) pair of linear layers, all of them
+    in turn as a decoding step does, for 1 and 3 rows (greedy's call, and a typical one of
+    AdaDecode's) summed, the two kernels interleaved, the median of `repeats`: (dense, packed)."""
+    import time
+    times = ([], [])
+    for rep in range(repeats):
+        for kind in (0, 1) if rep % 2 else (1, 0):
+            t = time.perf_counter()
+            for r in rows:
+                x = {}
+                for pair in pairs:
+                    k = pair[0].in_features
+                    pair[kind](x.setdefault(k, torch.ones(1, r, k)))
+            times[kind].append(time.perf_counter() - t)
+    return tuple(sorted(ts)[len(ts) // 2] for ts in times)
+
+
+def pack_float32(model, always=False):
+    """Replace every linear layer by a PackedLinear, in place, when oneDNN's packed kernel
+    is faster than F.linear on this CPU, timed on the model's own matrices (time_packing;
+    about a second for the default model), or always. The timings and the choice go to
+    model.packing. float32 on the CPU only; load_model does this by default (pack=True
+    packs whatever the timing, pack=False never)."""
     why = pack_unsupported(model)
     if why:
         raise InputError(why)
     model.fingerprint = model_fingerprint(model)
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, nn.Linear):
-                setattr(module, name, PackedLinear(child.weight, child.bias, keep_weight=child is model.output))
+    linears = [(module, name, child) for module in list(model.modules())
+               for name, child in module.named_children() if isinstance(child, nn.Linear)]
+    packed = [PackedLinear(c.weight, c.bias, keep_weight=c is model.output) for _, _, c in linears]
+    dense_s, packed_s = time_packing([(c, p) for (_, _, c), p in zip(linears, packed)])
+    model.packing = {"packed": always or packed_s < dense_s, "dense_seconds": dense_s, "packed_seconds": packed_s}
+    if model.packing["packed"]:
+        for (module, name, _), p in zip(linears, packed):
+            setattr(module, name, p)
     return model
 
 
@@ -693,11 +720,12 @@ def resolve_checkpoint(name):
         raise InputError(f"{what} the download failed ({str(e).splitlines()[0][:200]}); or pass a folder") from None
 
 
-def load_model(folder, dtype=torch.float32, device="cpu", pack=True):
+def load_model(folder, dtype=torch.float32, device="cpu", pack="faster"):
     """Load a Hugging Face Llama-family or Qwen2 folder into a Transformer (eval mode, no grads).
     dtype torch.int8 loads float32 and quantises every linear layer (Int8Linear), torch.int4
     the blocks' to Int4Linear and the LM head to Int8Linear; float32 on the CPU packs them
-    for oneDNN (PackedLinear) unless pack=False."""
+    for oneDNN (PackedLinear) where that is faster on this CPU (pack_float32), always with
+    pack=True, never with pack=False."""
     if dtype in (torch.int8, torch.int4):
         quantize = quantize_int8 if dtype == torch.int8 else quantize_int4
         return quantize(load_model(folder, torch.float32, device, pack=False))
@@ -732,7 +760,9 @@ def load_model(folder, dtype=torch.float32, device="cpu", pack=True):
         model.output.weight = model.tok_embeddings.weight
     model.inv_freq = rope_inv_freq(args).to(device)
     model = model.eval().requires_grad_(False)
-    return pack_float32(model) if pack and not pack_unsupported(model) else model
+    if pack not in (True, False, "faster"):
+        raise ValueError(f"pack must be True, False or 'faster', got {pack!r}")
+    return pack_float32(model, always=pack is True) if pack and not pack_unsupported(model) else model
 
 
 class Tokenizer:

@@ -258,9 +258,9 @@ def test_packed_linear_is_f_linear(out_f, in_f, rows, bias, seed):
 
 
 def test_float32_loads_packed_and_int8_never_silently_skips(tmp_path):
-    """load_model packs float32 on the CPU; the CLI's default picks int4 for weights already
-    on a 4-bit grid, int8 for other weights where the widths allow it and packed float32
-    elsewhere; quantising a packed model is refused, not a no-op."""
+    """load_model packs float32 on the CPU where the timing says so; the CLI's default picks
+    int4 for weights already on a 4-bit grid, int8 for other weights where the widths allow
+    it and float32 elsewhere; quantising a packed model is refused, not a no-op."""
     from adadecode import setup
     from model import Int4Linear, Int8Linear, PackedLinear, precision, quantize_int8
     for dim, four_bit, want in ((32, False, "float32"), (64, False, "int8"), (64, True, "int4")):
@@ -271,11 +271,35 @@ def test_float32_loads_packed_and_int8_never_silently_skips(tmp_path):
         model = setup(str(folder), None, "cpu")[0]
         assert precision(model) == want
         kinds = {type(m) for m in model.modules()} & {torch.nn.Linear, PackedLinear, Int8Linear, Int4Linear}
-        assert kinds == {"float32": {PackedLinear}, "int8": {Int8Linear}, "int4": {Int4Linear, Int8Linear}}[want]
+        fp32 = {PackedLinear} if want == "float32" and model.packing["packed"] else {torch.nn.Linear}
+        assert kinds == {"float32": fp32, "int8": {Int8Linear}, "int4": {Int4Linear, Int8Linear}}[want]
         assert not any(isinstance(m, PackedLinear) for m in load_model(folder, pack=False).modules())
     with pytest.raises(InputError, match="packed"):
-        quantize_int8(load_model(tmp_path / "64"))
+        quantize_int8(load_model(tmp_path / "64", pack=True))
+    with pytest.raises(ValueError, match="pack must be"):
+        load_model(tmp_path / "64", pack="always")
     tied = random_llama(0, dtype=torch.float32, tie=True)
     from model import pack_float32
-    pack_float32(tied).compile_blocks(backend="eager")                 # unpacks: the LM head is the embedding again
+    pack_float32(tied, always=True).compile_blocks(backend="eager")    # unpacks: the LM head is the embedding again
     assert tied.output.weight is tied.tok_embeddings.weight
+
+
+@pytest.mark.parametrize("dense_s, packed_s", [(1.0, 2.0), (2.0, 1.0)])
+def test_float32_packs_only_where_the_timing_says_it_is_faster(monkeypatch, dense_s, packed_s):
+    """pack_float32 times both kernels on the model's own matrices and keeps the faster one,
+    reporting the timings; always=True packs whatever they say. Either way the logits are
+    F.linear's, up to the summation order."""
+    import model as M
+    ref = random_llama(1, dtype=torch.float32)
+    pairs = []
+    monkeypatch.setattr(M, "time_packing", lambda p: pairs.extend(p) or (dense_s, packed_s))
+    for always in (False, True):
+        m = M.pack_float32(random_llama(1, dtype=torch.float32), always=always)
+        assert {p[0].weight.shape for p in pairs} == {l.weight.shape for l in ref.modules() if isinstance(l, torch.nn.Linear)}
+        packed = always or packed_s < dense_s
+        assert m.packing == {"packed": packed, "dense_seconds": dense_s, "packed_seconds": packed_s}
+        assert isinstance(m.layers[0].feed_forward.w2, M.PackedLinear) == packed
+        assert isinstance(m.output, M.PackedLinear) == packed
+        x = torch.randn(1, 3, ref.args.dim)
+        assert_close(m.logits(x), ref.logits(x), atol=1e-4, rtol=1e-4, what="logits")
+        pairs.clear()
