@@ -18,6 +18,8 @@ class KVCache:
         shape = (n_layers, 1, n_kv_heads, max_len, head_dim)  # (L, B=1, H_kv, S_max, D)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.layer_k, self.layer_v = self.k.unbind(0), self.v.unbind(0)   # one view per layer, made once:
+                                                                          # no indexing op per call
         self.lengths = [0] * n_layers
         self.max_len = max_len
 
@@ -29,10 +31,11 @@ class KVCache:
             raise ValueError(f"layer {layer}: writing at position {pos}, but it holds {self.lengths[layer]} entries")
         if pos + T > self.max_len:
             raise ValueError(f"KV cache overflow: layer {layer} needs {pos + T} entries, allocated {self.max_len}")
-        self.k[layer, :, :, pos:pos + T] = k
-        self.v[layer, :, :, pos:pos + T] = v
+        k_all, v_all = self.layer_k[layer], self.layer_v[layer]
+        k_all[:, :, pos:pos + T] = k
+        v_all[:, :, pos:pos + T] = v
         self.lengths[layer] = pos + T
-        return self.k[layer, :, :, :pos + T], self.v[layer, :, :, :pos + T]
+        return k_all[:, :, :pos + T], v_all[:, :, :pos + T]
 
     def truncate(self, length, layer=None):
         """Forget everything at positions >= length, in one layer or in all of them."""
@@ -45,4 +48,4 @@ class KVCache:
     def view(self, layer):
         """The filled (B, H_kv, n, D) keys and values of one layer."""
         n = self.lengths[layer]
-        return self.k[layer, :, :, :n], self.v[layer, :, :, :n]
+        return self.layer_k[layer][:, :, :n], self.layer_v[layer][:, :, :n]
