@@ -535,10 +535,13 @@ def row_cost_report(out, model, heads, mach):
         print(f"  {r} row{'s' if r > 1 else ' '}  {c * 1e3:7.3f} ms  {c / rows[1]:5.2f}x")
     print(f"  LM head {cost['logits'] * 1e3:.3f} ms" +
           (f", exit check {cost['check'] * 1e3:.3f} ms" if "check" in cost else ""))
+    packing = getattr(model, "packing", None)
+    if packing:
+        print(f"  float32 kernel: {'oneDNN packed' if packing['packed'] else 'F.linear'}, chosen at load")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"machine": mach, "row_cost_seconds": rows,
-                                                  "check_seconds": cost.get("check"), "lm_head_seconds": cost["logits"]},
-                                                 indent=1))
+                                                  "check_seconds": cost.get("check"), "lm_head_seconds": cost["logits"],
+                                                  "packing": packing}, indent=1))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
