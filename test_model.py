@@ -298,11 +298,11 @@ def test_float32_loads_packed_and_int8_never_silently_skips(tmp_path):
     assert tied.output.weight is tied.tok_embeddings.weight
 
 
-@pytest.mark.parametrize("dense_s, packed_s", [(1.0, 2.0), (2.0, 1.0)])
+@pytest.mark.parametrize("dense_s, packed_s", [(1.0, 2.0), (2.0, 1.0), (1.0, 0.95)])
 def test_float32_packs_only_where_the_timing_says_it_is_faster(monkeypatch, dense_s, packed_s):
-    """pack_float32 times both kernels on the model's own matrices and keeps the faster one,
-    reporting the timings; always=True packs whatever they say. Either way the logits are
-    F.linear's, up to the summation order."""
+    """pack_float32 times both kernels on the model's own matrices and packs only when that
+    is at least 10% faster (near a tie F.linear stays), reporting the timings; always=True
+    packs whatever they say. Either way the logits are F.linear's, up to the summation order."""
     import model as M
     ref = random_llama(1, dtype=torch.float32)
     pairs = []
@@ -310,7 +310,7 @@ def test_float32_packs_only_where_the_timing_says_it_is_faster(monkeypatch, dens
     for always in (False, True):
         m = M.pack_float32(random_llama(1, dtype=torch.float32), always=always)
         assert {p[0].weight.shape for p in pairs} == {l.weight.shape for l in ref.modules() if isinstance(l, torch.nn.Linear)}
-        packed = always or packed_s < dense_s
+        packed = always or packed_s < 0.9 * dense_s
         assert m.packing == {"packed": packed, "dense_seconds": dense_s, "packed_seconds": packed_s}
         assert isinstance(m.layers[0].feed_forward.w2, M.PackedLinear) == packed
         assert isinstance(m.output, M.PackedLinear) == packed
