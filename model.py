@@ -23,6 +23,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MethodType
@@ -334,7 +335,6 @@ def time_packing(pairs, rows=(1, 3), repeats=3):
     """Seconds to multiply through every (dense, packed) pair of linear layers, all of them
     in turn as a decoding step does, for 1 and 3 rows (greedy's call, and a typical one of
     AdaDecode's) summed, the two kernels interleaved, the median of `repeats`: (dense, packed)."""
-    import time
     times = ([], [])
     for rep in range(repeats):
         for kind in (0, 1) if rep % 2 else (1, 0):
@@ -729,6 +729,8 @@ def load_model(folder, dtype=torch.float32, device="cpu", pack="faster"):
     the blocks' to Int4Linear and the LM head to Int8Linear; float32 on the CPU packs them
     for oneDNN (PackedLinear) where that is faster on this CPU (pack_float32), always with
     pack=True, never with pack=False."""
+    if pack not in (True, False, "faster"):
+        raise ValueError(f"pack must be True, False or 'faster', got {pack!r}")
     if dtype in (torch.int8, torch.int4):
         quantize = quantize_int8 if dtype == torch.int8 else quantize_int4
         return quantize(load_model(folder, torch.float32, device, pack=False))
@@ -763,8 +765,6 @@ def load_model(folder, dtype=torch.float32, device="cpu", pack="faster"):
         model.output.weight = model.tok_embeddings.weight
     model.inv_freq = rope_inv_freq(args).to(device)
     model = model.eval().requires_grad_(False)
-    if pack not in (True, False, "faster"):
-        raise ValueError(f"pack must be True, False or 'faster', got {pack!r}")
     return pack_float32(model, always=pack is True) if pack and not pack_unsupported(model) else model
 
 
