@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from exits import CONTEXT, Threshold, context_guess, from_spec, in_context, lookup
-from model import (InputError, Tokenizer, eos_ids, int4_is_lossless, int4_unsupported, int8_unsupported, load_model,
+from model import (InputError, Tokenizer, eos_ids, in_huge_pages, int4_is_lossless, int4_unsupported, int8_unsupported, load_model,
                    pack_float32, pack_unsupported, precision, prepare_default_model, quantize_int4, quantize_int8)
 
 DEFAULT_HEADS = "heads/smollm2-135m-instruct.safetensors"
@@ -380,7 +380,8 @@ def setup(model_dir, heads_path, device, dtype=None):
     Otherwise float32, packed for oneDNN on a CPU where that is faster (model.pack_float32)."""
     check_device(device)
     folder = model_dir or prepare_default_model()
-    model = load_model(folder, dtype=dtype or torch.float32, device=device, pack="faster" if dtype is not None else False)
+    model = load_model(folder, dtype=dtype or torch.float32, device=device, pack="faster" if dtype is not None else False,
+                       huge_pages=dtype is not None)
     if dtype is None:
         if not int4_unsupported(model) and int4_is_lossless(model):
             quantize_int4(model)
@@ -388,6 +389,7 @@ def setup(model_dir, heads_path, device, dtype=None):
             quantize_int8(model)
         elif not pack_unsupported(model):
             pack_float32(model)
+        in_huge_pages(model)
     tok = Tokenizer(folder)
     heads = None
     if heads_path:

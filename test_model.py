@@ -317,3 +317,33 @@ def test_float32_packs_only_where_the_timing_says_it_is_faster(monkeypatch, dens
         x = torch.randn(1, 3, ref.args.dim)
         assert_close(m.logits(x), ref.logits(x), atol=1e-4, rtol=1e-4, what="logits")
         pairs.clear()
+
+
+# --- weights in huge pages ------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["float64", "float32-packed", "int8", "int4", "tied"])
+def test_weights_in_huge_pages_are_the_same_weights(kind):
+    """in_huge_pages moves every weight into one block of memory and changes nothing else:
+    the same tensor objects with the same values, a tie still a tie, the logits and the
+    decoded tokens bit for bit; moving again (after a conversion) works the same way."""
+    import mmap
+    from model import in_huge_pages, pack_float32, quantize_int4, quantize_int8
+    kw = dict(dim=64, ffn=128, n_heads=4, n_kv_heads=2, n_layers=3, vocab=61, tie=kind == "tied")
+    model = random_llama(7, dtype=torch.float64 if kind == "float64" else torch.float32, **kw)
+    convert = {"float32-packed": lambda m: pack_float32(m, always=True), "int8": quantize_int8, "int4": quantize_int4}
+    model = convert.get(kind, lambda m: m)(model)
+    weights = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    dense = lambda t: t.to_dense() if t.layout == torch._mkldnn else t      # oneDNN's packed weights stay in its memory
+    before = {i: dense(t).clone() for i, t in weights.items()}
+    x = torch.randn(1, 5, model.args.dim, dtype=model.dtype)
+    logits, tokens = model.logits(model.run_layers(x, 0, model.new_cache(8))), generate_greedy(model, [1, 2, 3], 12).tokens
+    for _ in range(2):
+        in_huge_pages(model)
+        after = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+        assert after.keys() == weights.keys()
+        assert all(torch.equal(dense(after[i]), before[i]) and after[i].dtype == before[i].dtype for i in after)
+        if hasattr(mmap, "MADV_HUGEPAGE"):       # Linux: one block, whatever the number of tensors
+            assert len({t.untyped_storage().data_ptr() for t in after.values() if t.layout == torch.strided}) == 1
+        assert (getattr(model.output, "weight", None) is model.tok_embeddings.weight) == (kind == "tied")
+        assert torch.equal(model.logits(model.run_layers(x, 0, model.new_cache(8))), logits)
+        assert generate_greedy(model, [1, 2, 3], 12).tokens == tokens

@@ -393,7 +393,7 @@ def main(argv=None):
         torch.manual_seed(a.seed)
         folder = resolve_checkpoint(a.model) if a.model else prepare_default_model()
         model, tok = load_model(folder, device=a.device), Tokenizer(folder)
-        q = load_model(folder, pack=False) if a.dtype != "float32" else None     # quantised for the evaluation
+        q = load_model(folder, pack=False, huge_pages=False) if a.dtype != "float32" else None  # quantised for the evaluation
         quantize, unsupported = (quantize_int8, int8_unsupported) if a.dtype == "int8" else (quantize_int4, int4_unsupported)
         why = q is not None and unsupported(q)
         if why:
