@@ -783,7 +783,7 @@ def in_huge_pages(model):
     with 2 MiB pages (madvise MADV_HUGEPAGE) rather than 4 KiB ones. A decoding step reads
     every weight once, and the int8 and int4 kernels, which read them in short runs, stall on
     the address translations of 4 KiB pages: in huge pages their greedy and AdaDecode decode
-    4-5% faster on this project's Intel Xeon (README, "Weights in huge pages"); float32's
+    4-6% faster on this project's Intel Xeon (README, "Weights in huge pages"); float32's
     F.linear does not change. The same values, the same kernels, the same bits. Where the
     OS offers no such advice (not Linux, transparent huge pages compiled out) the model
     stays as it is. Converting the model again (quantize_int8, ...) makes new weights: move
