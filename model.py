@@ -803,9 +803,10 @@ def in_huge_pages(model):
     except OSError:                                           # the kernel has no transparent huge pages
         block.close()
         return model
-    memory, start = torch.frombuffer(block, dtype=torch.uint8), 0    # the tensor keeps the block alive
+    start = 0
     for t, size in zip(movable, sizes):
-        moved = memory[start:start + t.nbytes].view(t.dtype).view(t.shape)
+        # a storage of its own in the block (as a state_dict saver expects), which keeps the block alive
+        moved = torch.frombuffer(block, dtype=t.dtype, count=t.numel(), offset=start).view(t.shape)
         moved.copy_(t)
         t.data = moved                                        # the same tensor object: ties stay tied
         start += size

@@ -343,7 +343,12 @@ def test_weights_in_huge_pages_are_the_same_weights(kind):
         assert after.keys() == weights.keys()
         assert all(torch.equal(dense(after[i]), before[i]) and after[i].dtype == before[i].dtype for i in after)
         if hasattr(mmap, "MADV_HUGEPAGE"):       # Linux: one block, whatever the number of tensors
-            assert len({t.untyped_storage().data_ptr() for t in after.values() if t.layout == torch.strided}) == 1
+            spans = sorted((t.data_ptr(), t.data_ptr() + t.nbytes) for t in after.values() if t.layout == torch.strided)
+            assert spans[-1][1] - spans[0][0] <= sum(-(-(e - b) // 64) * 64 for b, e in spans)
         assert (getattr(model.output, "weight", None) is model.tok_embeddings.weight) == (kind == "tied")
         assert torch.equal(model.logits(model.run_layers(x, 0, model.new_cache(8))), logits)
         assert generate_greedy(model, [1, 2, 3], 12).tokens == tokens
+    if kind != "float32-packed":                 # the weights can still be saved as usual
+        from safetensors.torch import load, save
+        state = {k: v for k, v in model.state_dict().items() if "output" not in k or kind != "tied"}
+        assert all(torch.equal(v, state[k]) for k, v in load(save(state)).items())
