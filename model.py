@@ -786,10 +786,10 @@ def in_huge_pages(model):
     4-6% faster on this project's Intel Xeon, float32 with F.linear 2% (README, "Weights in
     huge pages"). The same values, the same kernels, the same bits. It costs 0.4-0.9 s at
     load for the default model (the kernel compacts memory to find free 2 MiB pages), paid
-    back after about 600 tokens in int4 (1,500 in float32). Where the OS offers no such advice (not Linux,
-    transparent huge pages compiled out) the model stays as it is. Converting the model
-    again (quantize_int8, ...) makes new weights: move them again after it; the old block
-    is freed once no weight is left in it."""
+    back after about 600 tokens in int4 (1,500 in float32). Where the OS offers no such
+    advice (not Linux, transparent huge pages compiled out) the model stays as it is.
+    Converting the model again (quantize_int8, ...) makes new weights: move them again
+    after it; the old block is freed once no weight is left in it."""
     if model.device.type != "cpu" or not hasattr(mmap, "MADV_HUGEPAGE"):
         return model
     # a tied weight is one Parameter object, listed once. (Two tensors that shared memory as
