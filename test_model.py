@@ -283,7 +283,7 @@ def test_float32_loads_packed_and_int8_never_silently_skips(tmp_path):
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(prepare_default_model() / name, folder / name)
         model = setup(str(folder), None, "cpu")[0]
-        assert precision(model) == want
+        assert precision(model) == want and in_one_block(model)      # moved once, after the conversion
         kinds = {type(m) for m in model.modules()} & {torch.nn.Linear, PackedLinear, Int8Linear, Int4Linear}
         fp32 = {PackedLinear} if want == "float32" and model.packing["packed"] else {torch.nn.Linear}
         assert kinds == {"float32": fp32, "int8": {Int8Linear}, "int4": {Int4Linear, Int8Linear}}[want]
@@ -321,12 +321,20 @@ def test_float32_packs_only_where_the_timing_says_it_is_faster(monkeypatch, dens
 
 # --- weights in huge pages ------------------------------------------------------------
 
+def in_one_block(model):
+    """Whether a model's weights (oneDNN's packed ones aside) lie in one block of memory, as
+    in_huge_pages leaves them on Linux; elsewhere it leaves them where they were."""
+    import mmap
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.nbytes) for t in [*model.parameters(), *model.buffers()]
+                   if t.layout == torch.strided)
+    return not hasattr(mmap, "MADV_HUGEPAGE") or spans[-1][1] - spans[0][0] <= sum(-(-(e - b) // 64) * 64 for b, e in spans)
+
+
 @pytest.mark.parametrize("kind", ["float64", "float32-packed", "int8", "int4", "tied"])
 def test_weights_in_huge_pages_are_the_same_weights(kind):
     """in_huge_pages moves every weight into one block of memory and changes nothing else:
     the same tensor objects with the same values, a tie still a tie, the logits and the
     decoded tokens bit for bit; moving again (after a conversion) works the same way."""
-    import mmap
     from model import in_huge_pages, pack_float32, quantize_int4, quantize_int8
     kw = dict(dim=64, ffn=128, n_heads=4, n_kv_heads=2, n_layers=3, vocab=61, tie=kind == "tied")
     model = random_llama(7, dtype=torch.float64 if kind == "float64" else torch.float32, **kw)
@@ -342,9 +350,7 @@ def test_weights_in_huge_pages_are_the_same_weights(kind):
         after = {id(t): t for t in [*model.parameters(), *model.buffers()]}
         assert after.keys() == weights.keys()
         assert all(torch.equal(dense(after[i]), before[i]) and after[i].dtype == before[i].dtype for i in after)
-        if hasattr(mmap, "MADV_HUGEPAGE"):       # Linux: one block, whatever the number of tensors
-            spans = sorted((t.data_ptr(), t.data_ptr() + t.nbytes) for t in after.values() if t.layout == torch.strided)
-            assert spans[-1][1] - spans[0][0] <= sum(-(-(e - b) // 64) * 64 for b, e in spans)
+        assert in_one_block(model)
         assert (getattr(model.output, "weight", None) is model.tok_embeddings.weight) == (kind == "tied")
         assert torch.equal(model.logits(model.run_layers(x, 0, model.new_cache(8))), logits)
         assert generate_greedy(model, [1, 2, 3], 12).tokens == tokens
