@@ -31,7 +31,7 @@ from tqdm import tqdm
 from adadecode import (DEFAULT_HEADS, DTYPES, check_device, default_device, default_max_pending, eos_ids,
                        exit_policy, generate_ada, generate_greedy, generate_selfspec, prompt_token_ids,
                        read_prompts, setup, sync)
-from model import InputError, check_writable, precision, prepare_default_model, resolve_checkpoint
+from model import InputError, check_writable, huge_page_bytes, precision, prepare_default_model, resolve_checkpoint
 from train_heads import CODE_REQUEST
 
 
@@ -464,12 +464,15 @@ def main(argv=None):
         for dt in dtypes:
             wbytes = weight_bytes_per_token(engines[dt][0])
             g = summary[label(dt, "greedy", None)]["tokens_per_second"]
+            huge = huge_page_bytes(engines[dt][0]) if torch.device(a.device).type == "cpu" else None
             floors[dt] = {"weight_bytes_per_token": wbytes, "weight_memory_bytes": weight_memory(engines[dt][0]),
-                          "floor_tokens_per_second": bw * 1e9 / wbytes, "greedy_fraction_of_floor": g / (bw * 1e9 / wbytes)}
+                          "floor_tokens_per_second": bw * 1e9 / wbytes, "greedy_fraction_of_floor": g / (bw * 1e9 / wbytes),
+                          "huge_page_bytes": huge}
             print(f"\n{dt}: memory-bandwidth floor: {wbytes / 1e6:.0f} MB of weights per token / {bw:.1f} GB/s measured "
                   f"read bandwidth = {bw * 1e9 / wbytes:.1f} tok/s; greedy reaches {g:.1f} tok/s "
                   f"({g / (bw * 1e9 / wbytes):.0%} of the floor); weights in memory "
-                  f"{floors[dt]['weight_memory_bytes'] / 2**20:.0f} MiB")
+                  f"{floors[dt]['weight_memory_bytes'] / 2**20:.0f} MiB"
+                  + ("" if huge is None else f", {huge / 2**20:.0f} MiB of them in huge pages"))
             packing = getattr(engines[dt][0], "packing", None)
             if packing:                  # float32 on the CPU: which kernel load_model's timing chose
                 floors[dt]["packing"] = packing

@@ -16,6 +16,7 @@ Greedy decoding, early exit, deferred layers and verification all go through
     python model.py --prepare    # convert the default model once, print its folder
 """
 import argparse
+import bisect
 import hashlib
 import json
 import math
@@ -814,6 +815,27 @@ def in_huge_pages(model):
         start += size
     return model
 
+
+
+def huge_page_bytes(model):
+    """Bytes of huge pages in the memory mappings that hold the model's weights, as Linux
+    reports them now (/proc/self/smaps; bench.py prints it): how much of in_huge_pages'
+    request the kernel granted. None where that cannot be read."""
+    addresses = sorted(t.data_ptr() for t in [*model.parameters(), *model.buffers()] if t.layout == torch.strided)
+    total, holds = 0, False
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                field = line.split(maxsplit=1)[0]
+                if not field.endswith(":"):                   # a mapping's first line: "start-end perms ..."
+                    lo, hi = (int(x, 16) for x in field.split("-"))
+                    i = bisect.bisect_left(addresses, lo)
+                    holds = i < len(addresses) and addresses[i] < hi
+                elif holds and field == "AnonHugePages:":
+                    total += int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return total
 
 class Tokenizer:
     """tokenizer.json for text <-> ids, tokenizer_config.json for the chat template."""

@@ -358,3 +358,21 @@ def test_weights_in_huge_pages_are_the_same_weights(kind):
         from safetensors.torch import load, save
         state = {k: v for k, v in model.state_dict().items() if "output" not in k or kind != "tied"}
         assert all(torch.equal(v, state[k]) for k, v in load(save(state)).items())
+
+
+def test_the_real_model_is_granted_huge_pages(real):
+    """Where Linux's transparent huge pages are on (always, or madvise as on this project's
+    machines), most of the loaded model's weights get them, as bench.py reports; where they
+    are off, none do, and the model works all the same."""
+    from pathlib import Path
+    from model import huge_page_bytes
+    folder, model, tok, eos = real
+    weights = sum(t.nbytes for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
+    setting = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    granted = huge_page_bytes(model)
+    if not setting.exists():
+        assert not granted
+    elif "[never]" in setting.read_text():
+        assert granted == 0
+    else:
+        assert weights / 2 < granted <= weights + (2 << 20)
