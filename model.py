@@ -816,7 +816,6 @@ def in_huge_pages(model):
     return model
 
 
-
 def huge_page_bytes(model):
     """Bytes of huge pages in the memory mappings that hold the model's weights, as Linux
     reports them now (/proc/self/smaps; bench.py prints it): how much of in_huge_pages'
@@ -836,6 +835,7 @@ def huge_page_bytes(model):
     except (OSError, ValueError):
         return None
     return total
+
 
 class Tokenizer:
     """tokenizer.json for text <-> ids, tokenizer_config.json for the chat template."""
