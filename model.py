@@ -101,6 +101,9 @@ class ModelArgs:
         model_type = cfg.get("model_type")
         if model_type not in ("llama", "qwen2") and not {"LlamaForCausalLM", "Qwen2ForCausalLM"} & set(map(str, arch)):
             missing = UNSUPPORTED.get(model_type, "its architecture") if isinstance(model_type, str) else "its architecture"
+            if not model_type and not arch:
+                raise CheckpointError("config.json names no model_type or architectures: this forward computes "
+                                      "Llama and Qwen2 checkpoints only")
             raise CheckpointError(f"{model_type or arch} checkpoints are not supported: this forward computes Llama and "
                                   f"Qwen2, not {missing}")
         qwen2 = model_type == "qwen2" or "Qwen2ForCausalLM" in arch

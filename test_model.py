@@ -139,6 +139,9 @@ def test_loader_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(CheckpointError, match="gpt2 checkpoints are not supported"):
         load_model(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="names no model_type or architectures"):
+        load_model(tmp_path)
     cfg = tiny_config()
     save_tiny_checkpoint(tmp_path / "a", cfg)
     (tmp_path / "a" / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 99}))
