@@ -63,6 +63,14 @@ def test_training_lowers_the_kl():
         assert set(table) == {1, 2} and all(0 <= r["agreement"] <= 1 for r in table.values())
 
 
+def test_features_for_a_head_after_the_last_layer_are_the_final_hidden_states():
+    model = random_llama(3, n_layers=2)
+    seqs = [([5, 6, 7], [8, 9, 10, 11])]
+    feats, final = collect_features(model, [1, 2], seqs)    # the default layers of a 2-layer model once included 2
+    assert set(feats) == {1, 2} and final.shape == (4, model.args.dim)
+    assert torch.equal(feats[2], final) and not torch.equal(feats[1], final)
+
+
 def test_save_load_round_trip_and_refusals(tmp_path):
     model = random_llama(3)
     heads = ExitHeads(model, [2, 4], torch.randn(2, model.args.dim, model.args.dim, dtype=torch.float64),

@@ -271,10 +271,13 @@ def collect_features(model, layers, sequences):
         ids = torch.tensor([prompt + response[:-1]], device=model.device)
         cache, h, start = model.new_cache(ids.shape[1]), model.embed(ids), 0
         keep = slice(len(prompt) - 1, None)
-        for l in layers + [model.args.n_layers]:
+        for l in sorted({*layers, model.args.n_layers}):
             h = model.run_layers(h, 0, cache, start, l)
             start = l
-            (final if l == model.args.n_layers else feats[l]).append(h[0, keep].clone())
+            if l in feats:
+                feats[l].append(h[0, keep].clone())
+            if l == model.args.n_layers:
+                final.append(h[0, keep].clone())
     return {l: torch.cat(v) for l, v in feats.items()}, torch.cat(final)
 
 
@@ -399,7 +402,9 @@ def main(argv=None):
         if why:
             raise InputError(f"--dtype {a.dtype}: {why}")
         L = model.args.n_layers
-        a.layers = a.layers or sorted({max(1, round(L * f)) for f in (0.25, 0.5, 0.75)})
+        if not a.layers and L < 2:
+            raise InputError("this model has one layer: there is no earlier layer to put an exit head after")
+        a.layers = a.layers or sorted({min(L - 1, max(1, round(L * f))) for f in (0.25, 0.5, 0.75)})
         heads = ExitHeads(model, a.layers, residual=True if a.residual else None)
         if a.prompts:
             prompts, source = read_prompts(a.prompts), f"prompt file {Path(a.prompts).name}"
