@@ -771,6 +771,12 @@ def read_checkpoint(folder, dtype, device):
     state = {}
     for ours, parts in names.items():
         expected = model.state_dict()[ours].shape
+        for p in parts:                   # an integer or NaN weight would decode to silently wrong tokens
+            if not hf[p].is_floating_point():
+                raise CheckpointError(f"{folder}: {p} holds {hf[p].dtype} values, not floating-point weights "
+                                      f"(quantised checkpoints are not read here)")
+            if not torch.isfinite(torch.stack(torch.aminmax(hf[p]))).all():    # one pass; NaN propagates
+                raise CheckpointError(f"{folder}: {p} holds NaN or infinite values")
         tensor = torch.cat([hf[p] for p in parts], dim=0) if len(parts) > 1 else hf[parts[0]]
         if tensor.shape != expected:
             raise CheckpointError(f"{folder}: {parts} has shape {tuple(tensor.shape)}, config implies {tuple(expected)}")

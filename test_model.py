@@ -158,6 +158,15 @@ def test_loader_errors(tmp_path):
         with pytest.raises(CheckpointError, match=message):
             load_model(tmp_path / "a")
     (tmp_path / "a" / "config.json").write_text(json.dumps(cfg))
+    from safetensors.torch import load_file, save_file
+    good = load_file(tmp_path / "a" / "model.safetensors")
+    name = "model.layers.1.self_attn.k_proj.weight"      # a part of the fused q/k/v matrix
+    for value, message in ((float("nan"), "NaN or infinite"), (float("-inf"), "NaN or infinite"), (None, "int32")):
+        bad = dict(good)
+        bad[name] = bad[name].to(torch.int32) if value is None else bad[name].clone().index_fill_(1, torch.tensor([3]), value)
+        save_file(bad, tmp_path / "a" / "model.safetensors")
+        with pytest.raises(CheckpointError, match=f"{re.escape(name)} holds .*{message}"):
+            load_model(tmp_path / "a")
     (tmp_path / "a" / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         load_model(tmp_path / "a")
