@@ -570,6 +570,27 @@ def test_bench_repeats_keep_the_median_and_check_parity_on_every_run(tiny, tmp_p
     assert calls[4:10] == ["greedy", "ada", "ada", "greedy", "greedy", "ada"]   # prompt 0's three runs: the order turns
 
 
+def test_outputs_ending_in_a_loop_are_found_and_left_out_of_the_second_speedup():
+    """A looping output (the last 64 tokens repeat with a period of at most 32) is flagged, an
+    ordinary one is not, and the summary's speedup without loops is computed over the rest."""
+    from bench import ends_in_loop, summarise
+    text = list(range(100, 180))                                     # 80 distinct tokens
+    for period in (1, 5, 32):
+        assert ends_in_loop(text + list(range(period)) * (70 // period + 2))
+    assert not ends_in_loop(text + list(range(33)) * 3)              # a period longer than 32
+    assert not ends_in_loop(text + [7] * 70 + [1, 2])                # the loop ended before the output did
+    assert not ends_in_loop([7] * 63) and not ends_in_loop(text)     # too short to tell; no repetition
+    rows = []
+    for i, (n, g_sec, a_sec, loops) in enumerate([(100, 2.0, 1.6, False), (50, 1.0, 0.9, False), (200, 4.0, 1.0, True)]):
+        for label, sec in (("greedy", g_sec), ("ada", a_sec)):
+            rows.append({"label": label, "reference": "greedy", "prompt_index": i, "n_tokens": n, "seconds": sec,
+                         "prefill_seconds": 0.0, "parity": True, "stats": {}, "loops": loops})
+    s = summarise(rows)["ada"]
+    assert s["looping_prompts"] == 1 and s["speedup"] == pytest.approx((350 / 3.5) / (350 / 7.0))
+    assert s["speedup_without_loops"] == pytest.approx((150 / 2.5) / (150 / 3.0))
+    assert summarise(rows[4:])["ada"]["speedup_without_loops"] is None   # every output loops
+
+
 def test_bench_compare_hf_writes_every_file(tiny, tmp_path):
     """--compare-hf adds transformers' greedy as a row of its own, in results.json and results.csv."""
     import bench
