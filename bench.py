@@ -528,14 +528,14 @@ def main(argv=None):
             w = csv.writer(f)
             w.writerow(["prompt_index", "category", "method", "threshold", "dtype", "n_tokens", "seconds",
                         "tokens_per_second", "prefill_seconds", "parity", "early", "rejected", "mean_rows_per_call",
-                        "ideal_speedup"])
+                        "ideal_speedup", "loops"])
             for r in rows:
                 st = r["stats"]
                 w.writerow([r["prompt_index"], r["category"], r["method"], r["threshold"], r["dtype"], r["n_tokens"],
                             f"{r['seconds']:.4f}", f"{r['n_tokens'] / r['seconds']:.3f}", f"{r['prefill_seconds']:.4f}",
                             int(r["parity"]), st.get("early", ""), st.get("rejected", ""),
                             f"{st['mean_rows_per_call']:.3f}" if "mean_rows_per_call" in st else "",   # not for transformers'
-                            f"{st['ideal_speedup']:.3f}" if "ideal_speedup" in st else ""])
+                            f"{st['ideal_speedup']:.3f}" if "ideal_speedup" in st else "", int(r["loops"])])
         print(f"wrote {out / 'results.json'}, {out / 'results.csv'}, " + ", ".join(str(out / f) for f in figs))
         parity = min(s["parity"] for s in summary.values())
         print(json.dumps({"parity": parity, **{k: round(v["speedup"], 4) for k, v in summary.items()}}))

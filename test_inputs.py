@@ -598,6 +598,7 @@ def test_bench_compare_hf_writes_every_file(tiny, tmp_path):
                        "float32", "--compare-hf", "--out", str(tmp_path / "b")]) == 0
     rows = list(csv.DictReader(open(tmp_path / "b" / "results.csv")))
     assert [r["method"] for r in rows] == ["greedy", "hf"] and rows[1]["mean_rows_per_call"] == ""
+    assert [r["loops"] for r in rows] == ["0", "0"]                      # 4 tokens are too few to loop
     assert json.loads((tmp_path / "b" / "results.json").read_text())["rows"][1]["label"] == "hf"
 
 
