@@ -192,6 +192,18 @@ def ends_in_loop(tokens, span=64, max_period=32):
     return False
 
 
+def rate(rows):
+    """Decoded tokens per second over rows, or None when nothing was decoded. A row's first
+    token comes from the prompt's prefill, which is timed apart (its `prefill_seconds`), so
+    it is not counted against the decoding time (as adadecode.py --json counts)."""
+    n, secs = sum(r["n_tokens"] - 1 for r in rows), sum(r["seconds"] for r in rows)
+    return n / secs if n > 0 and secs > 0 else None
+
+
+def ratio(a, b):
+    return a / b if a is not None and b else None
+
+
 def summarise(rows):
     """Per (method, threshold): throughput, speedups, exit statistics, parity."""
     by = defaultdict(list)
@@ -200,9 +212,8 @@ def summarise(rows):
     out = {}
     for label, rs in by.items():
         greedy = {r["prompt_index"]: r for r in by[rs[0]["reference"]]}      # greedy in the same dtype
-        toks, secs = sum(r["n_tokens"] for r in rs), sum(r["seconds"] for r in rs)
-        ratios = [greedy[r["prompt_index"]]["seconds"] / r["seconds"] * r["n_tokens"] / greedy[r["prompt_index"]]["n_tokens"]
-                  for r in rs if r["seconds"] > 0]
+        toks = sum(r["n_tokens"] for r in rs)
+        timed = [r for r in rs if rate([r]) and rate([greedy[r["prompt_index"]]])]   # decoded more than the prefill's token
         s = Counter()
         for r in rs:
             for k in ("accepted", "rejected", "discarded", "verifications", "layer_rows", "layer_calls",
@@ -213,14 +224,12 @@ def summarise(rows):
         early = sum(v for k, v in s.items() if k.startswith("early@"))
         plain = [r for r in rs if not r["loops"]]            # greedy's output (in this dtype) does not loop
         out[label] = {
-            "prompts": len(rs), "tokens": toks, "tokens_per_second": toks / secs,
-            "median_tokens_per_second": statistics.median(r["n_tokens"] / r["seconds"] for r in rs),
-            "speedup": (toks / secs) / (sum(r["n_tokens"] for r in greedy.values()) / sum(r["seconds"] for r in greedy.values())),
-            "median_speedup": statistics.median(ratios) if ratios else None,
+            "prompts": len(rs), "tokens": toks, "tokens_per_second": rate(rs),
+            "median_tokens_per_second": statistics.median(rate([r]) for r in timed) if timed else None,
+            "speedup": ratio(rate(rs), rate(greedy.values())),
+            "median_speedup": statistics.median(rate([r]) / rate([greedy[r["prompt_index"]]]) for r in timed) if timed else None,
             "looping_prompts": len(rs) - len(plain),
-            "speedup_without_loops": (sum(r["n_tokens"] for r in plain) / sum(r["seconds"] for r in plain)) /
-                                     (sum(greedy[r["prompt_index"]]["n_tokens"] for r in plain) /
-                                      sum(greedy[r["prompt_index"]]["seconds"] for r in plain)) if plain else None,
+            "speedup_without_loops": ratio(rate(plain), rate([greedy[r["prompt_index"]] for r in plain])),
             "ideal_speedup": s["greedy_layer_rows"] / max(s["sequential_layers"], 1) if label != "hf" else None,
             "simulated_ideal_speedup": (s["greedy_layer_rows"] / max(s["sim_sequential_layers"], 1)
                                         if s["sim_sequential_layers"] else None),
@@ -368,8 +377,9 @@ def main(argv=None):
             raise InputError(f"--threshold values must be in [0, 1], got {a.threshold}")
         if a.n < 1:
             raise InputError("--n must be at least 1")
-        if a.max_new_tokens < 1 or (a.max_pending or 0) < 0:
-            raise InputError("--max-new-tokens must be at least 1 and --max-pending at least 0")
+        if a.max_new_tokens < 2 or (a.max_pending or 0) < 0:
+            raise InputError("--max-new-tokens must be at least 2 (the first token comes from the prefill, which is "
+                             "timed apart: one token leaves nothing to time) and --max-pending at least 0")
         if a.repeats < 1:
             raise InputError("--repeats must be at least 1")
         check_writable_folder(Path(a.out), "--out")
@@ -463,6 +473,9 @@ def main(argv=None):
                 row["seconds"] = statistics.median(row["repeat_seconds"])
 
         summary = summarise(rows)
+        if any(summary[label(dt, "greedy", None)]["tokens_per_second"] is None for dt in dtypes):
+            raise InputError("every prompt's output ended at its first token (which the prefill makes): nothing was "
+                             "decoded to time")
         for k, v in op_counts.items():
             summary[k]["operator_calls_per_token"] = v
         cats = sorted({r["category"] for r in rows})
@@ -532,7 +545,7 @@ def main(argv=None):
             for r in rows:
                 st = r["stats"]
                 w.writerow([r["prompt_index"], r["category"], r["method"], r["threshold"], r["dtype"], r["n_tokens"],
-                            f"{r['seconds']:.4f}", f"{r['n_tokens'] / r['seconds']:.3f}", f"{r['prefill_seconds']:.4f}",
+                            f"{r['seconds']:.4f}", "" if rate([r]) is None else f"{rate([r]):.3f}", f"{r['prefill_seconds']:.4f}",
                             int(r["parity"]), st.get("early", ""), st.get("rejected", ""),
                             f"{st['mean_rows_per_call']:.3f}" if "mean_rows_per_call" in st else "",   # not for transformers'
                             f"{st['ideal_speedup']:.3f}" if "ideal_speedup" in st else "", int(r["loops"])])

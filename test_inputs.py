@@ -525,6 +525,7 @@ def test_gguf_to_hf_command_refuses_an_existing_folder_and_knows_help(tmp_path):
     (["--methods", "greedy,beam"], "unknown method"),
     (["--n", "0"], "--n"),
     (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--max-new-tokens", "1"], "nothing to time"),
     (["--threshold", "1.5"], "--threshold"),
     (["--device", "tpu"], "not a device name"),
     (["--dtype", "float32", "int8", "--row-cost"], "one dtype"),
@@ -586,9 +587,26 @@ def test_outputs_ending_in_a_loop_are_found_and_left_out_of_the_second_speedup()
             rows.append({"label": label, "reference": "greedy", "prompt_index": i, "n_tokens": n, "seconds": sec,
                          "prefill_seconds": 0.0, "parity": True, "stats": {}, "loops": loops})
     s = summarise(rows)["ada"]
-    assert s["looping_prompts"] == 1 and s["speedup"] == pytest.approx((350 / 3.5) / (350 / 7.0))
-    assert s["speedup_without_loops"] == pytest.approx((150 / 2.5) / (150 / 3.0))
+    # each output's first token comes from the prefill, timed apart: 99 + 49 + 199 decoded tokens
+    assert s["tokens_per_second"] == pytest.approx(347 / 3.5) and s["speedup"] == pytest.approx((347 / 3.5) / (347 / 7.0))
+    assert s["looping_prompts"] == 1 and s["speedup_without_loops"] == pytest.approx((148 / 2.5) / (148 / 3.0))
     assert summarise(rows[4:])["ada"]["speedup_without_loops"] is None   # every output loops
+
+
+def test_bench_refuses_to_time_outputs_that_end_at_their_first_token(tiny, tmp_path, monkeypatch, capsys):
+    """Every output one token long (the prefill's, timed apart): no rate to report, one line, exit 2."""
+    import bench
+    run_method = bench.run_method
+
+    def first_token_only(*a, **k):
+        r = run_method(*a, **k)
+        r.tokens = r.tokens[:1]
+        return r
+    monkeypatch.setattr(bench, "run_method", first_token_only)
+    assert bench.main(["--model", str(tiny), "--n", "1", "--max-new-tokens", "4", "--methods", "greedy",
+                       "--dtype", "float32", "--out", str(tmp_path / "b")]) == 2
+    assert "nothing was decoded to time" in one_line_error(capsys)
+    assert not (tmp_path / "b" / "results.json").exists()
 
 
 def test_bench_compare_hf_writes_every_file(tiny, tmp_path):
