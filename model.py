@@ -507,7 +507,7 @@ class Attention(nn.Module):
             # greedy's call, and most of AdaDecode's: the one-row case below without the list
             # and the slicing (the same kernel on the same tensors: the same bits; 2% of a
             # layer call on the CPU)
-            return F.scaled_dot_product_attention(q.view(B, H_kv, G, D), k, v).view(B, 1, H * D)
+            return F.scaled_dot_product_attention(q.view(B, H_kv, G, D), k, v).reshape(B, 1, H * D)
         if T <= ROW_BY_ROW or pos > 0:
             # decoding (every call after the prompt, however many rows it has) and short
             # prompts: each row attends exactly as a one-row call would (the same kernel, on
@@ -521,7 +521,7 @@ class Attention(nn.Module):
             t = torch.arange(T, device=q.device).repeat(G)
             mask = torch.arange(pos + T, device=q.device)[None, :] <= (pos + t)[:, None]  # (G*T, S)
             y = F.scaled_dot_product_attention(q.transpose(1, 2).reshape(B, H_kv, G * T, D), k, v, attn_mask=mask)
-            y = y.view(B, H, T, D).transpose(1, 2)                          # (B, T, H, D)
+            y = y.reshape(B, H, T, D).transpose(1, 2)     # (B, T, H, D); a view on the CPU, a copy from CUDA's kernels
         return y.reshape(B, T, H * D)
 
 
@@ -744,6 +744,11 @@ def load_model(folder, dtype=torch.float32, device="cpu", pack="faster", huge_pa
         model = read_checkpoint(folder, dtype, device)
         if pack and not pack_unsupported(model):
             pack_float32(model, always=pack is True)
+    if model.device.type == "cuda":
+        # cuDNN's attention (torch's choice for bfloat16 on an H100) was slow on every new key
+        # length, so on every decoding step: bfloat16 greedy 15.9 tok/s with it, 44.3 without
+        # (float32: 49-53), while a second pass over the same lengths was fast (2026-11-25)
+        torch.backends.cuda.enable_cudnn_sdp(False)
     return in_huge_pages(model) if huge_pages else model
 
 

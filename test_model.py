@@ -56,6 +56,28 @@ def test_incremental_forward_equals_full_recompute(arch):
     assert_close(torch.cat(steps, 1), full, atol=1e-10, rtol=1e-10, what="incremental vs full logits")
 
 
+def test_attention_takes_any_memory_layout_the_kernel_returns(monkeypatch):
+    """CUDA's attention kernels return (B, H, T, D) laid out as a transposed (B, T, H, D)
+    buffer, where the CPU's is contiguous; the forward assumed contiguous and failed on a GPU
+    (H100, 2026-11-25). The same numbers in CUDA's layout must give the same bits here."""
+    model = random_llama(4, n_heads=6, n_kv_heads=2, dim=48)
+    prompt = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(2))   # > ROW_BY_ROW: the masked path
+
+    def decode():
+        cache = model.new_cache(60)
+        out = [model.logits(model.run_layers(model.embed(prompt), 0, cache))]
+        for p, rows in ((40, 1), (41, 3), (44, 1)):             # one-row steps and a several-row call
+            out.append(model.logits(model.run_layers(model.embed(prompt[:, :rows]), p, cache)))
+        return torch.cat(out, 1), cache
+
+    want, want_cache = decode()
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: sdpa(*a, **k).transpose(1, 2).contiguous().transpose(1, 2))
+    got, got_cache = decode()
+    assert torch.equal(got, want) and torch.equal(got_cache.k, want_cache.k) and torch.equal(got_cache.v, want_cache.v)
+
+
 @given(n1=st.integers(1, 20), cut=st.integers(0, 20), n2=st.integers(1, 12), seed=st.integers(0, 99))
 def test_cache_truncate_then_extend_equals_fresh(n1, cut, n2, seed):
     cut = min(cut, n1)
