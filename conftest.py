@@ -56,8 +56,9 @@ def save_tiny_checkpoint(folder, cfg, seed=0, scale=1.0, four_bit=False):
     return hf
 
 
-def random_llama(seed, dtype=torch.float64, **kw):
-    """A tiny random Llama built directly (no files), for fast property tests."""
+def random_llama(seed, dtype=torch.float64, device="cpu", **kw):
+    """A tiny random Llama built directly (no files), for fast property tests; the same
+    weights on any device (drawn on the CPU, then moved)."""
     from model import ModelArgs, Transformer
     args = ModelArgs.from_hf(tiny_config(**kw))
     g = torch.Generator().manual_seed(seed)
@@ -68,7 +69,7 @@ def random_llama(seed, dtype=torch.float64, **kw):
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g, dtype=dtype))
             else:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) * 2.0 / p.shape[-1] ** 0.5)
-    return model.eval().requires_grad_(False)
+    return model.to(device).eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="session")

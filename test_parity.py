@@ -7,6 +7,7 @@ the real default model with its shipped heads in float32.
 
     pytest -q test_parity.py
 """
+import os
 import random
 from types import SimpleNamespace
 
@@ -20,6 +21,8 @@ from exits import Threshold
 from heads import ExitHeads, Guess
 from model import (ROW_BY_ROW, InputError, Int4Linear, Int8Linear, block_linears, int4_grid, int4_is_lossless, load_model, precision,
                    quantize_int4, quantize_int8, rounding_error)
+
+DEVICE = torch.device(os.environ.get("ADADECODE_TEST_DEVICE", "cpu"))   # where the float properties run
 
 
 class AdversarialHeads:
@@ -65,7 +68,7 @@ def setups(draw):
     model = random_llama(draw(st.integers(0, 10**6)), n_layers=n_layers, n_heads=n_kv * group, n_kv_heads=n_kv,
                          dim=n_kv * group * head_dim, vocab=draw(st.sampled_from([5, 11, 61])),
                          rope_scaling=rope, rope_theta=draw(st.sampled_from([100.0, 10000.0])), max_pos=64,
-                         arch=draw(st.sampled_from(["llama", "qwen2"])))
+                         arch=draw(st.sampled_from(["llama", "qwen2"])), device=DEVICE)
     layers = sorted(draw(st.sets(st.integers(1, n_layers), min_size=1, max_size=n_layers)))
     prompt = draw(st.lists(st.integers(0, model.args.vocab_size - 1), min_size=1, max_size=10))
     return model, layers, prompt
@@ -119,7 +122,7 @@ def identity_above(model, layer):
 
 @pytest.mark.parametrize("layer", [1, 2, 3])
 def test_always_right_heads_are_never_rejected(layer):
-    model = identity_above(random_llama(7, n_layers=5), layer)
+    model = identity_above(random_llama(7, n_layers=5, device=DEVICE), layer)
     prompt = [3, 1, 4, 1, 5]
     greedy = generate_greedy(model, prompt, 30)
     ada = generate_ada(model, ExitHeads(model, [layer]), prompt, 30, threshold=0.0, max_pending=4)
@@ -130,7 +133,7 @@ def test_always_right_heads_are_never_rejected(layer):
 
 
 def test_edge_cases():
-    model = random_llama(11, n_layers=4, max_pos=32)
+    model = random_llama(11, n_layers=4, max_pos=32, device=DEVICE)
     heads = AdversarialHeads([1, 2, 3], model.args.vocab_size, seed=1)
     for prompt, n in [([5], 10), ([5, 6, 7], 1), (list(range(25)), 20)]:   # one-token prompt; 1 token; context ends
         greedy = generate_greedy(model, prompt, n)
@@ -174,6 +177,8 @@ REAL_PROMPTS = [
 
 def test_real_model_parity_with_shipped_heads(real):
     folder, model, tok, eos = real
+    if DEVICE.type != "cpu":
+        model = load_model(folder, dtype=torch.float32, device=DEVICE)
     heads = ExitHeads.load(DEFAULT_HEADS, model)
     early = rollbacks = 0
     for text in REAL_PROMPTS:
