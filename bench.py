@@ -514,8 +514,11 @@ def main(argv=None):
             calls = summary[label(dt, "greedy", None)].get("operator_calls_per_token")
             if calls and torch.device(a.device).type == "cuda":   # at batch 1 a small model is launch-bound
                 floors[dt]["launch_bound_tokens_per_second"] = 1 / (calls * LAUNCH_SECONDS)
+                per_call = 1 / (g * calls)                        # measured: the host's whole cost per operator
+                floors[dt]["seconds_per_operator_call"] = per_call
                 print(f"{dt}: launch-bound estimate: {calls:.0f} operator calls per token x "
-                      f"{LAUNCH_SECONDS * 1e6:.0f} us per kernel launch = {1 / (calls * LAUNCH_SECONDS):.0f} tok/s")
+                      f"{LAUNCH_SECONDS * 1e6:.0f} us per kernel launch = {1 / (calls * LAUNCH_SECONDS):.0f} tok/s; "
+                      f"measured: {per_call * 1e6:.1f} us per operator call (Python, dispatch and launch on the host)")
         agreement = None
         if len(dtypes) > 1:
             agreement = dtype_agreement(rows, dtypes, engines, ids, summary, label)
