@@ -14,6 +14,18 @@ settings.register_profile("dev", max_examples=25, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
+def pytest_configure(config):
+    """ADADECODE_TEST_DEVICE (default cpu) says where test_parity.py's float properties run;
+    a value this machine cannot use stops the run with one line, before any test."""
+    from adadecode import check_device
+    from model import InputError
+    name = os.environ.get("ADADECODE_TEST_DEVICE") or "cpu"
+    try:
+        check_device(name)
+    except InputError as e:
+        raise pytest.UsageError(f"ADADECODE_TEST_DEVICE={name!r}: {e}") from None
+
+
 def assert_close(a, b, atol=1e-6, rtol=1e-6, what="tensors"):
     diff = (a.double() - b.double()).abs()
     ok = torch.allclose(a.double(), b.double(), atol=atol, rtol=rtol)

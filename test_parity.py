@@ -22,7 +22,7 @@ from heads import ExitHeads, Guess
 from model import (ROW_BY_ROW, InputError, Int4Linear, Int8Linear, block_linears, int4_grid, int4_is_lossless, load_model, precision,
                    quantize_int4, quantize_int8, rounding_error)
 
-DEVICE = torch.device(os.environ.get("ADADECODE_TEST_DEVICE", "cpu"))   # where the float properties run
+DEVICE = torch.device(os.environ.get("ADADECODE_TEST_DEVICE") or "cpu")   # where the float properties run (conftest checks it)
 
 
 class AdversarialHeads:
