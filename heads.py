@@ -77,10 +77,10 @@ class ExitHeads(nn.Module):
         d = model.args.dim
         if transforms is None:
             transforms = torch.eye(d, dtype=model.dtype, device=model.device).repeat(len(self.layers), 1, 1)
-        self.T = nn.Parameter(transforms.to(model.device, model.dtype))               # (n_heads, d, d)
+        self.T = nn.Parameter(transforms.to(model.device, model.dtype))    # (n_heads, d, d)
         if residual is True:
             residual = torch.zeros_like(self.T)
-        self.W = None if residual is None else nn.Parameter(residual.to(model.device, model.dtype))   # (n_heads, d, d) or None
+        self.W = None if residual is None else nn.Parameter(residual.to(model.device, model.dtype))  # (n_heads, d, d) or None
         self._frozen = (model.norm, model.output)   # a tuple: not registered, not saved, not trained
         # on an int8 model the check runs T (and W) through the int8 kernel too (fixed there:
         # heads are trained on a float model)
