@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 
+from checkpoint import Tokenizer, eos_ids, in_huge_pages, load_model, prepare_default_model
 from exits import CONTEXT, Threshold, context_guess, from_spec, in_context, lookup
-from model import (InputError, Tokenizer, eos_ids, in_huge_pages, int4_is_lossless, int4_unsupported, int8_unsupported,
-                   load_model, pack_float32, pack_unsupported, precision, prepare_default_model, quantize_int4,
-                   quantize_int8)
+from model import InputError
+from quantize import (int4_is_lossless, int4_unsupported, int8_unsupported, pack_float32, pack_unsupported, precision,
+                      quantize_int4, quantize_int8)
 
 DEFAULT_HEADS = "heads/smollm2-135m-instruct.safetensors"
 DTYPES = ["float32", "int8", "int4", "bfloat16", "float64"]
@@ -378,8 +379,8 @@ def setup(model_dir, heads_path, device, dtype=None):
     weights are 4-bit already (int4 loses no more than int8 would: the default model,
     converted from a 4-bit GGUF file), else int8; both about twice or three times float32's
     speed, and AdaDecode bit for bit their greedy (README, 'int8 and int4 on the CPU').
-    Otherwise float32, packed for oneDNN on a CPU where that is faster (model.pack_float32).
-    On the CPU the weights end in huge pages (model.in_huge_pages), moved once, after any conversion."""
+    Otherwise float32, packed for oneDNN on a CPU where that is faster (quantize.pack_float32).
+    On the CPU the weights end in huge pages (checkpoint.in_huge_pages), moved once, after any conversion."""
     check_device(device)
     folder = model_dir or prepare_default_model()
     model = load_model(folder, dtype=dtype or torch.float32, device=device, pack="faster" if dtype is not None else False,
@@ -509,5 +510,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from model import run_cli
+    from cli import run_cli
     sys.exit(run_cli(main))

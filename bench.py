@@ -31,7 +31,10 @@ from tqdm import tqdm
 from adadecode import (DEFAULT_HEADS, DTYPES, check_device, default_device, default_max_pending, eos_ids,
                        exit_policy, generate_ada, generate_greedy, generate_selfspec, prompt_token_ids,
                        read_prompts, setup, sync)
-from model import InputError, check_writable, huge_page_bytes, precision, prepare_default_model, resolve_checkpoint
+from checkpoint import huge_page_bytes, prepare_default_model, resolve_checkpoint
+from cli import check_writable
+from model import InputError
+from quantize import precision
 from train_heads import CODE_REQUEST
 
 
@@ -640,5 +643,5 @@ def result_row(i, p, label, reference, method, threshold, dtype, tokens, ref, se
 
 
 if __name__ == "__main__":
-    from model import run_cli
+    from cli import run_cli
     sys.exit(run_cli(main))

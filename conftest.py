@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import settings
 
-from model import Tokenizer, eos_ids, load_model, prepare_default_model
+from checkpoint import Tokenizer, eos_ids, load_model, prepare_default_model
 
 # bounded and derandomised in CI, so a run is reproducible and fits the time budget
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, print_blob=True)

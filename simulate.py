@@ -31,10 +31,12 @@ from types import SimpleNamespace
 
 import torch
 
+from checkpoint import resolve_checkpoint
 from exits import CONTEXT, FEATURES, Guard, Logistic, Threshold, context_guess, in_context, lookup
 from heads import Guess
 from kvcache import KVCache
-from model import ROW_BY_ROW, InputError, precision, resolve_checkpoint
+from model import InputError, ROW_BY_ROW
+from quantize import precision
 
 
 @dataclass
@@ -430,7 +432,7 @@ def load_traces(rec, seqs, max_new_tokens, eos, path, categories=None):
 def traces_for(rec, tok, folder, heads_path, prompts, max_new_tokens, raw=False):
     """Traces of the model's greedy responses to `prompts` (responses and traces cached)."""
     from adadecode import prompt_token_ids
-    from model import eos_ids
+    from checkpoint import eos_ids
     from train_heads import generate_responses, response_cache
     ids = prompt_token_ids(rec.model, tok, prompts, max_new_tokens, raw)
     resp = generate_responses(folder, ids, max_new_tokens, response_cache(folder, max_new_tokens))
@@ -444,7 +446,7 @@ def default_traces(split="held-out", n=400, max_new_tokens=128, heads_path=None)
     """(Recorder, traces) for the default model and heads on train_heads.py's prompts of the
     heads' domains: the held-out split (for choosing policies) or the training split."""
     from adadecode import DEFAULT_HEADS, setup
-    from model import prepare_default_model
+    from checkpoint import prepare_default_model
     from train_heads import default_split
     heads_path = heads_path or DEFAULT_HEADS
     model, tok, heads = setup(None, heads_path, "cpu", torch.float32)
@@ -470,7 +472,7 @@ def print_row(name, f):
 def main(argv=None):
     from adadecode import DEFAULT_HEADS, default_device, default_max_pending, read_prompts, setup
     from exits import from_spec
-    from model import prepare_default_model
+    from checkpoint import prepare_default_model
     from train_heads import default_split
     ap = argparse.ArgumentParser(description="Replay AdaDecode's schedule for exit policies from recorded greedy traces.")
     ap.add_argument("--model", help="a Llama-family or Qwen2 checkpoint folder, or a hub id (org/name) "
@@ -567,5 +569,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from model import run_cli
+    from cli import run_cli
     sys.exit(run_cli(main))

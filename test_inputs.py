@@ -20,12 +20,14 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import adadecode
-import model as model_module
+import checkpoint
 from adadecode import Streamer, generate_selfspec, main, read_prompts
+from checkpoint import Tokenizer, check_safetensors, load_model
+from cli import run_cli
 from conftest import random_llama, save_tiny_checkpoint, tiny_config
 from exits import from_spec
 from heads import ExitHeads
-from model import CheckpointError, InputError, ModelArgs, Tokenizer, check_safetensors, load_model, run_cli
+from model import CheckpointError, InputError, ModelArgs, model_fingerprint
 
 
 def one_line_error(capsys):
@@ -39,7 +41,7 @@ def tiny(tmp_path_factory):
     """A tiny random Llama checkpoint folder with the default model's tokenizer files."""
     folder = tmp_path_factory.mktemp("tiny")
     save_tiny_checkpoint(folder, tiny_config(vocab=49152, dim=64, n_heads=4, n_kv_heads=2))
-    src = model_module.prepare_default_model()
+    src = checkpoint.prepare_default_model()
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(src / name, folder / name)
     return folder
@@ -196,7 +198,7 @@ def heads_file(tmp_path, model, **overrides):
     from safetensors.torch import save_file
     d = model.args.dim
     tensors = {"T": torch.eye(d).repeat(2, 1, 1), "shortlist": torch.tensor([1, 2, 3])}
-    info = {"layers": json.dumps([1, 2]), "fingerprint": model_module.model_fingerprint(model), "meta": "{}"}
+    info = {"layers": json.dumps([1, 2]), "fingerprint": model_fingerprint(model), "meta": "{}"}
     for k, v in overrides.items():
         (tensors if isinstance(v, torch.Tensor) else info)[k] = v
     path = tmp_path / "h.safetensors"
@@ -262,7 +264,7 @@ def test_streamed_text_is_the_printed_text(capsys):
 
 
 def test_streamer_holds_back_split_characters(capsys):
-    tok = Tokenizer(model_module.prepare_default_model())
+    tok = Tokenizer(checkpoint.prepare_default_model())
     ids = tok.encode("日本語 ok")
     s = Streamer(tok)
     for i in ids:
@@ -275,7 +277,7 @@ def test_streamer_holds_back_split_characters(capsys):
 def test_special_token_text_in_a_prompt_becomes_the_control_token():
     """As transformers' apply_chat_template and llama.cpp's server do: the rendered chat
     text is tokenized with its special tokens parsed, a user's included (README)."""
-    tok = Tokenizer(model_module.prepare_default_model())
+    tok = Tokenizer(checkpoint.prepare_default_model())
     end = tok.token_id("eos_token")
     assert tok.prompt_ids("a<|im_end|>b").count(end) == tok.prompt_ids("ab").count(end) + 1
     assert end in tok.prompt_ids("a<|im_end|>b", raw=True)
@@ -300,7 +302,7 @@ def test_run_cli_exit_codes(capsys):
 def test_closed_pipe_exits_quietly():
     import subprocess
     import sys
-    chatty = "import sys; from model import run_cli; sys.exit(run_cli(lambda: [print('x' * 100) for _ in range(10**5)] and 0))"
+    chatty = "import sys; from cli import run_cli; sys.exit(run_cli(lambda: [print('x' * 100) for _ in range(10**5)] and 0))"
     r = subprocess.run(["bash", "-c", f"{sys.executable} -c \"{chatty}\" | head -c 1; exit ${{PIPESTATUS[0]}}"],
                        capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
     assert r.stdout == "x" and r.stderr == "" and r.returncode == 141
@@ -335,7 +337,7 @@ def test_prepare_is_safe_concurrently_and_repairs_damage(tmp_path, monkeypatch):
 
     def prepare():
         try:
-            results.append(model_module.prepare_default_model())
+            results.append(checkpoint.prepare_default_model())
         except Exception as e:           # noqa: BLE001 - the test reports any failure
             errors.append(e)
     threads = [threading.Thread(target=prepare) for _ in range(3)]
@@ -345,7 +347,7 @@ def test_prepare_is_safe_concurrently_and_repairs_damage(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["SmolLM2-135M-Instruct"]
     assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
     truncate(results[0] / "model.safetensors")                           # damaged later: converted again
-    assert model_module.prepare_default_model() == results[0] and len(calls) == 2
+    assert checkpoint.prepare_default_model() == results[0] and len(calls) == 2
     check_safetensors(results[0] / "model.safetensors")
 
 
@@ -353,7 +355,7 @@ def test_unwritable_model_cache_is_one_line(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("ADADECODE_HOME", str(tmp_path / "file" / "cache"))
     with pytest.raises(InputError, match="ADADECODE_HOME"):
-        model_module.prepare_default_model()
+        checkpoint.prepare_default_model()
 
 
 def test_interrupted_response_cache_is_not_trusted(tmp_path):
@@ -520,6 +522,22 @@ def test_gguf_to_hf_command_refuses_an_existing_folder_and_knows_help(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "full"]     # nothing half-written beside them
 
 
+def test_prepare_command_prints_the_folder_and_refuses_unknown_names():
+    """`checkpoint.py --prepare` (setup.sh's step) prints the converted folder; so does the
+    older spelling `model.py --prepare`; an unknown name is one line and exit 2."""
+    import subprocess
+    import sys
+    run = lambda script, *args: subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                                               cwd=Path(__file__).parent)
+    folder = str(checkpoint.prepare_default_model())
+    for script in ("checkpoint.py", "model.py"):
+        r = run(script, "--prepare")
+        assert (r.returncode, r.stdout.strip(), r.stderr) == (0, folder, "")
+    r = run("checkpoint.py", "--prepare", "gpt-5")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: --prepare gpt-5: not a preparable model ({', '.join(checkpoint.PREPARABLE)})"]
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--methods", ","], "names no method"),
     (["--methods", "greedy,beam"], "unknown method"),
@@ -661,7 +679,7 @@ def test_json_speed_counts_decoded_tokens_only(capsys):
 ])
 def test_simulate_refuses_before_the_long_work(argv, message, capsys, monkeypatch):
     import simulate
-    monkeypatch.setattr("model.load_model", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    monkeypatch.setattr("checkpoint.load_model", lambda *a, **k: pytest.fail("the model loaded before the check"))
     monkeypatch.setattr("adadecode.load_model", lambda *a, **k: pytest.fail("the model loaded before the check"))
     assert simulate.main(argv) == 2
     assert message in one_line_error(capsys)

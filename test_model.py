@@ -11,9 +11,10 @@ import torch
 from hypothesis import given, strategies as st
 
 from adadecode import generate_greedy, main, read_prompts
+from checkpoint import load_model, prepare_default_model
 from conftest import assert_close, random_llama, save_tiny_checkpoint, tiny_config
 from kvcache import KVCache
-from model import CheckpointError, InputError, load_model, prepare_default_model
+from model import CheckpointError, InputError
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}
@@ -249,7 +250,7 @@ def test_compiled_blocks_do_not_recompile_after_a_warm_up(quantized):
     from adadecode import generate_ada
     from exits import Threshold
     from heads import ExitHeads
-    from model import quantize_int4, quantize_int8
+    from quantize import quantize_int4, quantize_int8
     torch._dynamo.reset()
     kw = dict(dim=64, ffn=128, n_heads=4, n_kv_heads=2, n_layers=4, vocab=61) if quantized else dict(n_layers=4)
     eager = random_llama(5, dtype=torch.float32, **kw)
@@ -293,7 +294,7 @@ def test_rms_norm_is_f_rms_norm_bit_for_bit(d, rows, scale, dtype, seed):
 def test_packed_linear_is_f_linear(out_f, in_f, rows, bias, seed):
     """Same float32 products as F.linear (another summation order), for any shape and row
     count; unpacking gives back the very weights; rows of it are rows of the product."""
-    from model import PackedLinear, linear_rows
+    from quantize import PackedLinear, linear_rows
     g = torch.Generator().manual_seed(seed)
     w, b = torch.randn(out_f, in_f, generator=g), torch.randn(out_f, generator=g) if bias else None
     x = torch.randn(1, rows, in_f, generator=g)
@@ -310,7 +311,7 @@ def test_float32_loads_packed_and_int8_never_silently_skips(tmp_path):
     int4 for weights already on a 4-bit grid, int8 for other weights where the widths allow
     it and float32 elsewhere; quantising a packed model is refused, not a no-op."""
     from adadecode import setup
-    from model import Int4Linear, Int8Linear, PackedLinear, precision, quantize_int8
+    from quantize import Int4Linear, Int8Linear, PackedLinear, precision, quantize_int8
     for dim, four_bit, want in ((32, False, "float32"), (64, False, "int8"), (64, True, "int4")):
         folder = tmp_path / f"{dim}{'-q4' if four_bit else ''}"
         save_tiny_checkpoint(folder, tiny_config(dim=dim, ffn=2 * dim, n_heads=4, n_kv_heads=2), four_bit=four_bit)
@@ -327,7 +328,7 @@ def test_float32_loads_packed_and_int8_never_silently_skips(tmp_path):
     with pytest.raises(ValueError, match="pack must be"):
         load_model(tmp_path / "64", pack="always")
     tied = random_llama(0, dtype=torch.float32, tie=True)
-    from model import pack_float32
+    from quantize import pack_float32
     pack_float32(tied, always=True).compile_blocks(backend="eager")    # unpacks: the LM head is the embedding again
     assert tied.output.weight is tied.tok_embeddings.weight
 
@@ -337,17 +338,17 @@ def test_float32_packs_only_where_the_timing_says_it_is_faster(monkeypatch, dens
     """pack_float32 times both kernels on the model's own matrices and packs only when that
     is at least 10% faster (near a tie F.linear stays), reporting the timings; always=True
     packs whatever they say. Either way the logits are F.linear's, up to the summation order."""
-    import model as M
+    import quantize
     ref = random_llama(1, dtype=torch.float32)
     pairs = []
-    monkeypatch.setattr(M, "time_packing", lambda p: pairs.extend(p) or (dense_s, packed_s))
+    monkeypatch.setattr(quantize, "time_packing", lambda p: pairs.extend(p) or (dense_s, packed_s))
     for always in (False, True):
-        m = M.pack_float32(random_llama(1, dtype=torch.float32), always=always)
+        m = quantize.pack_float32(random_llama(1, dtype=torch.float32), always=always)
         assert {p[0].weight.shape for p in pairs} == {l.weight.shape for l in ref.modules() if isinstance(l, torch.nn.Linear)}
         packed = always or packed_s < 0.9 * dense_s
         assert m.packing == {"packed": packed, "dense_seconds": dense_s, "packed_seconds": packed_s}
-        assert isinstance(m.layers[0].feed_forward.w2, M.PackedLinear) == packed
-        assert isinstance(m.output, M.PackedLinear) == packed
+        assert isinstance(m.layers[0].feed_forward.w2, quantize.PackedLinear) == packed
+        assert isinstance(m.output, quantize.PackedLinear) == packed
         x = torch.randn(1, 3, ref.args.dim)
         assert_close(m.logits(x), ref.logits(x), atol=1e-4, rtol=1e-4, what="logits")
         pairs.clear()
@@ -369,7 +370,8 @@ def test_weights_in_huge_pages_are_the_same_weights(kind):
     """in_huge_pages moves every weight into one block of memory and changes nothing else:
     the same tensor objects with the same values, a tie still a tie, the logits and the
     decoded tokens bit for bit; moving again (after a conversion) works the same way."""
-    from model import in_huge_pages, pack_float32, quantize_int4, quantize_int8
+    from checkpoint import in_huge_pages
+    from quantize import pack_float32, quantize_int4, quantize_int8
     kw = dict(dim=64, ffn=128, n_heads=4, n_kv_heads=2, n_layers=3, vocab=61, tie=kind == "tied")
     model = random_llama(7, dtype=torch.float64 if kind == "float64" else torch.float32, **kw)
     convert = {"float32-packed": lambda m: pack_float32(m, always=True), "int8": quantize_int8, "int4": quantize_int4}
@@ -399,7 +401,7 @@ def test_the_real_model_is_granted_huge_pages(real):
     machines), most of the loaded model's weights get them, as bench.py reports; where they
     are off, none do, and the model works all the same."""
     from pathlib import Path
-    from model import huge_page_bytes
+    from checkpoint import huge_page_bytes
     folder, model, tok, eos = real
     weights = sum(t.nbytes for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
     setting = Path("/sys/kernel/mm/transparent_hugepage/enabled")

@@ -16,11 +16,13 @@ import torch
 from hypothesis import assume, given, strategies as st
 
 from adadecode import DEFAULT_HEADS, exit_policy, generate_ada, generate_greedy, generate_selfspec
+from checkpoint import load_model
 from conftest import assert_close, random_llama
 from exits import Threshold
 from heads import ExitHeads, Guess
-from model import (ROW_BY_ROW, InputError, Int4Linear, Int8Linear, block_linears, int4_grid, int4_is_lossless, load_model, precision,
-                   quantize_int4, quantize_int8, rounding_error)
+from model import InputError, ROW_BY_ROW
+from quantize import (Int4Linear, Int8Linear, block_linears, int4_grid, int4_is_lossless, precision, quantize_int4,
+                      quantize_int8, rounding_error)
 
 DEVICE = torch.device(os.environ.get("ADADECODE_TEST_DEVICE") or "cpu")   # where the float properties run (conftest checks it)
 

@@ -32,9 +32,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from adadecode import check_device, default_device, prompt_token_ids, read_prompts
+from checkpoint import Tokenizer, default_model_dir, eos_ids, load_model, prepare_default_model, resolve_checkpoint
+from cli import check_writable
 from heads import ExitHeads
-from model import (InputError, Tokenizer, check_writable, default_model_dir, eos_ids, int4_unsupported, int8_unsupported, load_model,
-                   prepare_default_model, quantize_int4, quantize_int8, resolve_checkpoint)
+from model import InputError
+from quantize import int4_unsupported, int8_unsupported, quantize_int4, quantize_int8
 
 CODE_REQUEST = "Complete the following Python function.\n\n```python\n{code}```"
 STDLIB_MODULES = ["string", "textwrap", "json", "posixpath", "shutil", "glob", "fnmatch", "heapq", "bisect",
@@ -500,5 +502,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from model import run_cli
+    from cli import run_cli
     sys.exit(run_cli(main))
