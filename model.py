@@ -172,21 +172,6 @@ class RMSNorm(nn.Module):
         return (xf * (xf * xf).mean(-1, keepdim=True).add_(self.eps).rsqrt_()).to(x.dtype) * self.weight
 
 
-
-
-def model_fingerprint(model):
-    """A short hash of the config and a few weights: heads refuse any other model.
-    Weights are hashed at bfloat16 precision so the same checkpoint loaded in
-    float32, float64, bfloat16 or int8 gives the same fingerprint."""
-    if getattr(model, "fingerprint", None):
-        return model.fingerprint                      # taken before int8 quantisation
-    a = model.args
-    sig = hashlib.sha256(json.dumps([a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size, a.ffn_dim]).encode())
-    for w in (model.tok_embeddings.weight[:64], model.norm.weight, model.layers[0].attention.wqkv.weight[:64]):
-        sig.update(w.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
-    return sig.hexdigest()[:16]
-
-
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -340,7 +325,17 @@ class Transformer(nn.Module):
         return self.output(self.norm(h))                         # (B, T, dim) -> (B, T, V)
 
 
-# --- loading Hugging Face checkpoint folders -------------------------------------
+def model_fingerprint(model):
+    """A short hash of the config and a few weights: heads refuse any other model.
+    Weights are hashed at bfloat16 precision so the same checkpoint loaded in
+    float32, float64, bfloat16 or int8 gives the same fingerprint."""
+    if getattr(model, "fingerprint", None):
+        return model.fingerprint                      # taken before int8 quantisation
+    a = model.args
+    sig = hashlib.sha256(json.dumps([a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size, a.ffn_dim]).encode())
+    for w in (model.tok_embeddings.weight[:64], model.norm.weight, model.layers[0].attention.wqkv.weight[:64]):
+        sig.update(w.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return sig.hexdigest()[:16]
 
 
 if __name__ == "__main__":
