@@ -388,7 +388,7 @@ def main(argv=None):
                     help=f"convert a model if needed and print its folder: {', '.join(PREPARABLE)} "
                          f"(default: the first)")
     a = ap.parse_args(argv)
-    if a.prepare:
+    if a.prepare is not None:              # an empty name is a wrong name, not no flag
         print(prepare_model(a.prepare))
     else:
         ap.print_help()

@@ -533,9 +533,10 @@ def test_prepare_command_prints_the_folder_and_refuses_unknown_names():
     for script in ("checkpoint.py", "model.py"):
         r = run(script, "--prepare")
         assert (r.returncode, r.stdout.strip(), r.stderr) == (0, folder, "")
-    r = run("checkpoint.py", "--prepare", "gpt-5")
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        f"error: --prepare gpt-5: not a preparable model ({', '.join(checkpoint.PREPARABLE)})"]
+    for name in ("gpt-5", ""):
+        r = run("checkpoint.py", "--prepare", name)
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+            f"error: --prepare {name}: not a preparable model ({', '.join(checkpoint.PREPARABLE)})"]
 
 
 @pytest.mark.parametrize("argv,message", [
