@@ -15,16 +15,15 @@ policy names layer 0.
 """
 import argparse
 import json
-import shutil
 import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
 from checkpoint import Tokenizer, eos_ids, in_huge_pages, load_model, prepare_default_model
+from cli import check_device, default_device, read_prompts
 from exits import CONTEXT, Threshold, context_guess, from_spec, in_context, lookup
 from model import InputError
 from quantize import (int4_is_lossless, int4_unsupported, int8_unsupported, pack_float32, pack_unsupported, precision,
@@ -313,65 +312,6 @@ class _OneHead:
 
 
 # --- command line ----------------------------------------------------------------
-
-def read_prompts(path):
-    """JSON Lines: each line has "prompt", or "turns" (FastChat/MT-bench; first turn used)."""
-    try:
-        lines = open(path, encoding="utf-8-sig").read().splitlines()      # -sig: a leading byte-order mark is skipped
-    except OSError as e:
-        raise InputError(f"{path}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    prompts = []
-    for n, line in enumerate(lines, 1):     # n: the line number an editor shows, blank lines counted
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{n}: not JSON ({e.msg})")
-        text = row.get("prompt") if isinstance(row, dict) else None
-        if text is None and isinstance(row, dict) and "turns" in row:
-            turns = row["turns"]
-            if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
-                raise InputError(f"{path}:{n}: \"turns\" must be a non-empty list of strings")
-            text = turns[0]
-        if not isinstance(text, str) or not text:
-            raise InputError(f"{path}:{n}: needs a non-empty \"prompt\" or \"turns\"")
-        prompts.append({**row, "prompt": text})
-    if not prompts:
-        raise InputError(f"{path}: no prompts in the file")
-    return prompts
-
-
-def default_device():
-    """cuda when torch can use it, else cpu, with a warning when a GPU is there but unusable."""
-    if torch.cuda.is_available():
-        return "cuda"
-    if Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi"):
-        why = "this torch build has no CUDA" if torch.version.cuda is None else "the driver or GPU is unusable"
-        print(f"warning: an NVIDIA GPU is present but {why} (torch {torch.__version__}); running on the CPU",
-              file=sys.stderr)
-    return "cpu"
-
-
-
-
-def check_device(device):
-    """The torch.device for a --device value, or a one-line InputError saying why not."""
-    try:
-        d = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise InputError(f"--device {device!r} is not a device name (cpu, cuda, cuda:1)") from None
-    if d.type not in ("cpu", "cuda"):
-        raise InputError(f"--device {device!r}: only cpu and cuda are supported")
-    if d.type == "cuda" and not torch.cuda.is_available():
-        why = "this torch build has no CUDA" if torch.version.cuda is None else "no usable GPU or driver"
-        raise InputError(f"--device {device}: CUDA is not available ({why}, torch {torch.__version__}); use --device cpu")
-    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
-        raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
-    return d
-
 
 def setup(model_dir, heads_path, device, dtype=None):
     """Load model, tokenizer and (when a path is given) heads; the default model is prepared

@@ -6,14 +6,14 @@ Fair timing: a warm-up first; the methods interleaved prompt by prompt in one pr
 (--repeats: each prompt timed several times, the order turned, its median kept); prefill
 timed apart from decode; GPU synchronised; medians and per-prompt figures kept; the
 machine written with the results. Outputs a table on the terminal and, in --out,
-results.json (everything), results.csv (one row per prompt and method) and PNG plots.
+results.json (everything), results.csv (one row per prompt and method) and PNG plots;
+report.py turns the timed rows into those figures.
 
     python bench.py                                   # HumanEval prompts, default model and heads
     python bench.py --prompts prompts.jsonl --n 44 --max-new-tokens 128
     python bench.py --threshold 0.5 0.75 0.9 --n 8    # a threshold sweep
 """
 import argparse
-import csv
 import json
 import os
 import platform
@@ -22,23 +22,19 @@ import resource
 import statistics
 import sys
 import time
-from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from adadecode import (DEFAULT_HEADS, DTYPES, check_device, default_device, default_max_pending, eos_ids,
-                       exit_policy, generate_ada, generate_greedy, generate_selfspec, prompt_token_ids,
-                       read_prompts, setup, sync)
-from checkpoint import huge_page_bytes, prepare_default_model, resolve_checkpoint
-from cli import check_writable
+from adadecode import (DEFAULT_HEADS, DTYPES, default_max_pending, eos_ids, exit_policy, generate_ada,
+                       generate_greedy, generate_selfspec, prompt_token_ids, setup, sync)
+from checkpoint import prepare_default_model, resolve_checkpoint
+from cli import check_device, check_writable, default_device, read_prompts
 from model import InputError
 from quantize import precision
-from train_heads import CODE_REQUEST
-
-
-LAUNCH_SECONDS = 5e-6      # a typical CUDA kernel launch from eager PyTorch, for the launch-bound estimate
+from report import ends_in_loop, floor_report, plots, print_table, row_cost_plot, summarise, write_csv
+from train_data import CODE_REQUEST
 
 
 def check_writable_folder(folder, flag):
@@ -104,22 +100,6 @@ def read_bandwidth(device, gib=1.0, repeats=5):
     return x.numel() * 4 / statistics.median(times[1:]) / 1e9
 
 
-def weight_memory(model):
-    """Bytes the weights occupy (parameters and buffers, a shared matrix once)."""
-    return sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
-
-
-def weight_bytes_per_token(model):
-    """Bytes of weights read to decode one token: every matrix once (int8 weights and their
-    scales included), except the embedding, of which the lookup reads one row, unless the
-    LM head multiplies by that very matrix (a packed or int8 LM head is its own copy)."""
-    emb = model.tok_embeddings.weight
-    total = weight_memory(model)
-    if not (isinstance(model.output, torch.nn.Linear) and model.output.weight is emb):
-        total -= (emb.shape[0] - 1) * emb.shape[1] * emb.element_size()
-    return total
-
-
 def top2_margin(model, prompt, tokens, i):
     """Top-two logit margin of the full model at the position that produced tokens[i]."""
     ids = torch.tensor([prompt + tokens[:i]], device=model.device)
@@ -181,158 +161,6 @@ def hf_greedy(hf, ids, max_new, device):
         sync(device)
         times.append(time.perf_counter() - t)
     return out[0, len(ids):].tolist(), max(times[1] - times[0], 1e-9), times[0]
-
-
-def ends_in_loop(tokens, span=64, max_period=32):
-    """Whether an output ends in a repetition loop: its last `span` tokens each equal the
-    token `p` places before, for some period p <= max_period (a line, a phrase or a digit
-    repeated until the token budget runs out). The context's exit predicts such text almost
-    for free, so a few looping outputs can carry a method's aggregate speedup; the summary
-    reports the speedup without them beside it."""
-    for p in range(1, max_period + 1):
-        if len(tokens) >= span + p and all(tokens[-i] == tokens[-i - p] for i in range(1, span + 1)):
-            return True
-    return False
-
-
-def rate(rows):
-    """Decoded tokens per second over rows, or None when nothing was decoded. A row's first
-    token comes from the prompt's prefill, which is timed apart (its `prefill_seconds`), so
-    it is not counted against the decoding time (as adadecode.py --json counts)."""
-    n, secs = sum(r["n_tokens"] - 1 for r in rows), sum(r["seconds"] for r in rows)
-    return n / secs if n > 0 and secs > 0 else None
-
-
-def ratio(a, b):
-    return a / b if a is not None and b else None
-
-
-def summarise(rows):
-    """Per (method, threshold): throughput, speedups, exit statistics, parity."""
-    by = defaultdict(list)
-    for r in rows:
-        by[r["label"]].append(r)
-    out = {}
-    for label, rs in by.items():
-        greedy = {r["prompt_index"]: r for r in by[rs[0]["reference"]]}      # greedy in the same dtype
-        toks = sum(r["n_tokens"] for r in rs)
-        timed = [r for r in rs if rate([r]) and rate([greedy[r["prompt_index"]]])]   # decoded more than the prefill's token
-        s = Counter()
-        for r in rs:
-            for k in ("accepted", "rejected", "discarded", "verifications", "layer_rows", "layer_calls",
-                      "sequential_layers", "greedy_layer_rows", "head_checks", "sim_sequential_layers", "host_syncs"):
-                s[k] += r["stats"].get(k, 0)
-            for l, c in r["stats"].get("early_by_layer", {}).items():
-                s[f"early@{l}"] += c
-        early = sum(v for k, v in s.items() if k.startswith("early@"))
-        plain = [r for r in rs if not r["loops"]]            # greedy's output (in this dtype) does not loop
-        out[label] = {
-            "prompts": len(rs), "tokens": toks, "tokens_per_second": rate(rs),
-            "median_tokens_per_second": statistics.median(rate([r]) for r in timed) if timed else None,
-            "speedup": ratio(rate(rs), rate(greedy.values())),
-            "median_speedup": statistics.median(rate([r]) / rate([greedy[r["prompt_index"]]]) for r in timed) if timed else None,
-            "looping_prompts": len(rs) - len(plain),
-            "speedup_without_loops": ratio(rate(plain), rate([greedy[r["prompt_index"]] for r in plain])),
-            "ideal_speedup": s["greedy_layer_rows"] / max(s["sequential_layers"], 1) if label != "hf" else None,
-            "simulated_ideal_speedup": (s["greedy_layer_rows"] / max(s["sim_sequential_layers"], 1)
-                                        if s["sim_sequential_layers"] else None),
-            "parity": sum(r["parity"] for r in rs) / len(rs),
-            "early_rate_per_layer": {k.split("@")[1]: v / toks for k, v in s.items() if k.startswith("early@")},
-            "early_rate": early / toks, "rejection_rate": s["rejected"] / max(s["accepted"] + s["rejected"], 1),
-            "accepted_per_verification": s["accepted"] / max(s["verifications"], 1),
-            "mean_rows_per_call": s["layer_rows"] / max(s["layer_calls"], 1),
-            "median_prefill_seconds": statistics.median(r["prefill_seconds"] for r in rs),
-            "host_syncs_per_token": s["host_syncs"] / toks if label != "hf" else None,
-            "peak_memory_bytes": max(r["stats"].get("peak_memory", 0) for r in rs),
-        }
-    return out
-
-
-def print_table(summary, title):
-    print(f"\n{title}")
-    cols = ["method", "tok/s", "speedup", "med.spd", "no-loops", "ideal", "sim.ideal", "early", "reject", "acc/ver",
-            "rows/call", "parity"]
-    w = max(9, *map(len, summary))
-    print(f"{cols[0]:>{w}}  " + "  ".join(f"{c:>9}" for c in cols[1:]))
-    for label, s in summary.items():
-        f = lambda v, fmt: "-" if v is None else format(v, fmt)
-        print(f"{label:>{w}}  " + "  ".join(f"{x:>9}" for x in [f(s["tokens_per_second"], ".2f"), f(s["speedup"], ".3f") + "x",
-                                            f(s["median_speedup"], ".3f") + "x",
-                                            f(s["speedup_without_loops"], ".3f") + f"x/{s['looping_prompts']}",
-                                            f(s["ideal_speedup"], ".2f") + "x",
-                                            f(s["simulated_ideal_speedup"], ".2f") + "x",
-                                            f(s["early_rate"], ".1%"), f(s["rejection_rate"], ".1%"),
-                                            f(s["accepted_per_verification"], ".2f"), f(s["mean_rows_per_call"], ".2f"),
-                                            f(s["parity"], ".0%")]))
-
-
-def plots(out, summary, trace, thresholds, n_layers, heads_layers):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    files = []
-    if len(thresholds) > 1:
-        fig, ax = plt.subplots(figsize=(5.5, 4))
-        sp = [summary[f"ada@{t}"]["speedup"] for t in thresholds]
-        rj = [summary[f"ada@{t}"]["rejection_rate"] for t in thresholds]
-        ax.plot(thresholds, sp, "o-", label="AdaDecode speedup (measured)")
-        ax.plot(thresholds, [summary[f"ada@{t}"]["ideal_speedup"] for t in thresholds], "s--", label="ideal hardware")
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xlabel("threshold"), ax.set_ylabel("speedup over greedy")
-        ax2 = ax.twinx()
-        ax2.plot(thresholds, rj, "r^:", label="rejection rate")
-        ax2.set_ylabel("rejection rate", color="r")
-        ax.legend(loc="upper left", fontsize=8)
-        fig.tight_layout(), fig.savefig(out / "threshold_sweep.png", dpi=110), plt.close(fig)
-        files.append("threshold_sweep.png")
-    # distribution of the layer each verified token was decided at (early exits vs the full model)
-    labels = [k for k in summary if k.startswith("ada")][:3]
-    if not labels:                     # no AdaDecode run: nothing exited
-        return files
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    exits = ([0] if any(summary[k]["early_rate_per_layer"].get("0") for k in labels) else []) + heads_layers
-    for label in labels:
-        rate = summary[label]["early_rate_per_layer"]
-        ys = [rate.get(str(l), 0.0) for l in exits]
-        names = [str(x) + ("\n(context)" if x == 0 else "\n(full)" if x == n_layers else "") for x in exits + [n_layers]]
-        ax.bar(names, ys + [max(0.0, 1 - sum(ys))], alpha=0.6, label=label)
-    ax.set_xlabel("exit layer (last bar: the rest, decided by the full model)")
-    ax.set_ylabel("early tokens / generated tokens")
-    ax.set_title("Early exits per head (rejected ones included)"), ax.legend(fontsize=8)
-    fig.tight_layout(), fig.savefig(out / "exit_layers.png", dpi=110), plt.close(fig)
-    files.append("exit_layers.png")
-    if trace:
-        schedule_plot(out / "schedule.png", trace, n_layers, heads_layers)
-        files.append("schedule.png")
-    return files
-
-
-def schedule_plot(path, trace, n_layers, heads_layers, max_steps=28):
-    """Steps on x, layers on y; each bar is one layer call, labelled with the tokens (by
-    generated index) whose rows it ran; early exits and rollbacks marked."""
-    import matplotlib.pyplot as plt
-    runs = [e for e in trace if e[0] == "run" and e[1] <= max_steps]
-    fig, ax = plt.subplots(figsize=(12, 5))
-    cmap = plt.get_cmap("viridis")
-    for _, step, start, stop, first, rows in runs:
-        ax.add_patch(plt.Rectangle((step - 0.42, start), 0.84, stop - start, color=cmap(min(rows, 6) / 6), alpha=0.85))
-        label = f"t{first}" if rows == 1 else f"t{first}-{first + rows - 1}"
-        if stop - start >= 2:
-            ax.text(step, (start + stop) / 2, label, ha="center", va="center", fontsize=6, rotation=90, color="w")
-    for e in trace:
-        if e[0] == "exit" and e[1] <= max_steps:
-            ax.plot(e[1], e[2], "w>", ms=7, mec="k")
-        if e[0] == "rollback" and e[1] <= max_steps:
-            ax.plot(e[1], n_layers + 0.6, "rx", ms=9, mew=2)
-    for l in heads_layers:
-        ax.axhline(l, color="grey", lw=0.6, ls=":")
-    ax.set_xlim(0.4, max_steps + 0.6), ax.set_ylim(0, n_layers + 1.2)
-    ax.set_xlabel("step (one climb up the stack)"), ax.set_ylabel("layer")
-    ax.set_title("AdaDecode schedule: bars are layer calls (colour = rows in the call, label = tokens);"
-                 " ▶ early exit, red x = rollback", fontsize=9)
-    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 6))
-    fig.colorbar(sm, ax=ax, label="rows in the layer call")
-    fig.tight_layout(), fig.savefig(path, dpi=120), plt.close(fig)
 
 
 def main(argv=None):
@@ -406,7 +234,7 @@ def main(argv=None):
                 return row_cost_report(Path(a.out), model, heads, machine(a.device, dt))
             if a.compile:
                 model.compile_blocks()
-            from simulate import Recorder
+            from record import Recorder
             engines[dt] = (model, heads, Recorder(model, heads) if heads is not None else None)
         # at most this many unverified early tokens, per dtype (int8 and int4: 3, their kernels' 4-row pass)
         pending = {dt: default_max_pending(engines[dt][0]) if a.max_pending is None else a.max_pending for dt in dtypes}
@@ -495,33 +323,8 @@ def main(argv=None):
             for k, v in summary.items() if v.get("host_syncs_per_token") is not None))
         for c, s in per_cat.items():
             print_table(s, f"category: {c}")
-        floors = {}
-        for dt in dtypes:
-            wbytes = weight_bytes_per_token(engines[dt][0])
-            g = summary[label(dt, "greedy", None)]["tokens_per_second"]
-            huge = huge_page_bytes(engines[dt][0]) if torch.device(a.device).type == "cpu" else None
-            floors[dt] = {"weight_bytes_per_token": wbytes, "weight_memory_bytes": weight_memory(engines[dt][0]),
-                          "floor_tokens_per_second": bw * 1e9 / wbytes, "greedy_fraction_of_floor": g / (bw * 1e9 / wbytes),
-                          "huge_page_bytes": huge}
-            print(f"\n{dt}: memory-bandwidth floor: {wbytes / 1e6:.0f} MB of weights per token / {bw:.1f} GB/s measured "
-                  f"read bandwidth = {bw * 1e9 / wbytes:.1f} tok/s; greedy reaches {g:.1f} tok/s "
-                  f"({g / (bw * 1e9 / wbytes):.0%} of the floor); weights in memory "
-                  f"{floors[dt]['weight_memory_bytes'] / 2**20:.0f} MiB"
-                  + ("" if huge is None else f", {huge / 2**20:.0f} MiB of them in huge pages"))
-            packing = getattr(engines[dt][0], "packing", None)
-            if packing:                  # float32 on the CPU: which kernel load_model's timing chose
-                floors[dt]["packing"] = packing
-                print(f"{dt}: {'oneDNN packed kernel' if packing['packed'] else 'F.linear'} chosen at load: every "
-                      f"matrix for 1 and 3 rows took {packing['packed_seconds'] * 1e3:.1f} ms packed, "
-                      f"{packing['dense_seconds'] * 1e3:.1f} ms with F.linear")
-            calls = summary[label(dt, "greedy", None)].get("operator_calls_per_token")
-            if calls and torch.device(a.device).type == "cuda":   # at batch 1 a small model is launch-bound
-                floors[dt]["launch_bound_tokens_per_second"] = 1 / (calls * LAUNCH_SECONDS)
-                per_call = 1 / (g * calls)                        # measured: the host's whole cost per operator
-                floors[dt]["seconds_per_operator_call"] = per_call
-                print(f"{dt}: launch-bound estimate: {calls:.0f} operator calls per token x "
-                      f"{LAUNCH_SECONDS * 1e6:.0f} us per kernel launch = {1 / (calls * LAUNCH_SECONDS):.0f} tok/s; "
-                      f"measured: {per_call * 1e6:.1f} us per operator call (Python, dispatch and launch on the host)")
+        floors = {dt: floor_report(dt, engines[dt][0], summary[label(dt, "greedy", None)], bw, a.device)
+                  for dt in dtypes}
         agreement = None
         if len(dtypes) > 1:
             agreement = dtype_agreement(rows, dtypes, engines, ids, summary, label)
@@ -543,18 +346,7 @@ def main(argv=None):
                   "bandwidth_gb_s": bw, "warm_up_seconds": warm_up_seconds, "per_dtype": floors, "dtype_agreement": agreement, "peak_memory_bytes": mem,
                   "max_pending": pending, "heads": heads.meta if heads else None, "rows": rows}
         (out / "results.json").write_text(json.dumps(result, indent=1))
-        with open(out / "results.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["prompt_index", "category", "method", "threshold", "dtype", "n_tokens", "seconds",
-                        "tokens_per_second", "prefill_seconds", "parity", "early", "rejected", "mean_rows_per_call",
-                        "ideal_speedup", "loops"])
-            for r in rows:
-                st = r["stats"]
-                w.writerow([r["prompt_index"], r["category"], r["method"], r["threshold"], r["dtype"], r["n_tokens"],
-                            f"{r['seconds']:.4f}", "" if rate([r]) is None else f"{rate([r]):.3f}", f"{r['prefill_seconds']:.4f}",
-                            int(r["parity"]), st.get("early", ""), st.get("rejected", ""),
-                            f"{st['mean_rows_per_call']:.3f}" if "mean_rows_per_call" in st else "",   # not for transformers'
-                            f"{st['ideal_speedup']:.3f}" if "ideal_speedup" in st else "", int(r["loops"])])
+        write_csv(out / "results.csv", rows)
         print(f"wrote {out / 'results.json'}, {out / 'results.csv'}, " + ", ".join(str(out / f) for f in figs))
         parity = min(s["parity"] for s in summary.values())
         print(json.dumps({"parity": parity, **{k: round(v["speedup"], 4) for k, v in summary.items()}}))
@@ -567,7 +359,7 @@ def main(argv=None):
 def row_cost_report(out, model, heads, mach):
     """Seconds per layer call (all layers, at a 300-token context) for 1..8 rows, the exit
     check and the LM head: the curve that decides what a deferred row costs on this machine."""
-    from simulate import row_costs
+    from record import row_costs
     cost = row_costs(model, heads, rows=range(1, 9), repeats=9)
     rows = {r: cost[r] for r in range(1, 9)}
     print(f"row cost, {mach['dtype']} on {mach.get('gpu', mach['cpu'])} (ms per layer call; "
@@ -583,15 +375,7 @@ def row_cost_report(out, model, heads, mach):
     (out / "results.json").write_text(json.dumps({"machine": mach, "row_cost_seconds": rows,
                                                   "check_seconds": cost.get("check"), "lm_head_seconds": cost["logits"],
                                                   "packing": packing}, indent=1))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    ax.plot(list(rows), [c / rows[1] for c in rows.values()], "o-", label=f"{mach['dtype']}")
-    ax.plot(list(rows), list(rows), "k:", lw=0.8, label="proportional to rows")
-    ax.set_xlabel("rows in one layer call"), ax.set_ylabel("time relative to one row")
-    ax.set_title(f"Row cost: {mach.get('gpu', mach['cpu'])}", fontsize=8), ax.legend(fontsize=8)
-    fig.tight_layout(), fig.savefig(out / "row_cost.png", dpi=110), plt.close(fig)
+    row_cost_plot(out / "row_cost.png", rows, mach)
     print(f"wrote {out / 'results.json'}, {out / 'row_cost.png'}")
     return 0
 

@@ -49,7 +49,7 @@ def needs_policy(name):
 @given(setup=setups(), seed=st.integers(0, 10**6), noise=st.floats(0.0, 3.0), max_new=st.integers(1, 24),
        bound=st.floats(0.0, 3.0), max_pending=st.integers(0, 5))
 def test_entropy_policy_keeps_parity_and_replays_exactly(setup, seed, noise, max_new, bound, max_pending):
-    from simulate import Recorder
+    from record import Recorder
     Entropy = needs_policy("Entropy")
     model, layers, prompt = setup
     heads = random_heads(model, layers, seed, noise)

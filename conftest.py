@@ -17,7 +17,7 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 def pytest_configure(config):
     """ADADECODE_TEST_DEVICE (default cpu) says where test_parity.py's float properties run;
     a value this machine cannot use stops the run with one line, before any test."""
-    from adadecode import check_device
+    from cli import check_device
     from model import InputError
     name = os.environ.get("ADADECODE_TEST_DEVICE") or "cpu"
     try:

@@ -125,10 +125,10 @@ def test_training_prompts_are_deterministic_and_never_benchmark_prompts():
     import subprocess
     import sys
     from bench import humaneval_prompts
-    from train_heads import MIXED_PER_DOMAIN, domain_prompts, stdlib_function_prompts, without_benchmark_prompts
+    from train_data import MIXED_PER_DOMAIN, domain_prompts, stdlib_function_prompts, without_benchmark_prompts
     code = stdlib_function_prompts()
     assert not any(" at 0x" in p["prompt"] for p in code)
-    probe = ("import hashlib, json; from train_heads import stdlib_function_prompts, held_out_split; "
+    probe = ("import hashlib, json; from train_data import stdlib_function_prompts, held_out_split; "
              "print(hashlib.sha256(json.dumps(held_out_split(stdlib_function_prompts(), 400)).encode()).hexdigest())")
     runs = {subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
             for _ in range(2)}
@@ -150,13 +150,13 @@ def test_a_prompt_file_near_a_reported_prompt_is_found():
     """train_heads.py --prompts warns about prompts that bench.py reports (HumanEval's and
     prompts.jsonl's), also when they come wrapped in other words."""
     from bench import humaneval_prompts
-    from train_heads import reported_prompts, without
+    from train_data import reported_prompts, without
     mine = [{"prompt": "Please finish this:\n" + humaneval_prompts()[3]["prompt"][-300:]},
             {"prompt": "Write a short haiku about autumn rain on a tin roof."},
             {"prompt": "First, " + json.loads(open("prompts.jsonl").readline())["prompt"]}]
     assert without(mine, reported_prompts()) == [mine[1]]
     # the request bench.py wraps HumanEval in is this project's own text: a code request
     # in the same words, about another function, is not near a reported prompt
-    from train_heads import CODE_REQUEST
+    from train_data import CODE_REQUEST
     other = {"prompt": CODE_REQUEST.format(code='def clamp(x, lo, hi):\n    """Limit x to [lo, hi]."""\n')}
     assert without([other], reported_prompts()) == [other]

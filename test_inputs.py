@@ -21,9 +21,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import adadecode
 import checkpoint
-from adadecode import Streamer, generate_selfspec, main, read_prompts
+from adadecode import Streamer, generate_selfspec, main
 from checkpoint import Tokenizer, check_safetensors, load_model
-from cli import run_cli
+from cli import read_prompts, run_cli
 from conftest import random_llama, save_tiny_checkpoint, tiny_config
 from exits import from_spec
 from heads import ExitHeads
@@ -359,7 +359,7 @@ def test_unwritable_model_cache_is_one_line(tmp_path, monkeypatch):
 
 
 def test_interrupted_response_cache_is_not_trusted(tmp_path):
-    from train_heads import generate_responses
+    from train_data import generate_responses
     cache = tmp_path / "responses.jsonl"
     cache.write_text(json.dumps({"prompt_ids": [1, 2], "response_ids": [3, 4]}) + "\n" + '{"prompt_ids": [5')
     assert generate_responses(None, [[1, 2]], 4, cache) == [[3, 4]]         # the whole line is used, no model
@@ -593,7 +593,7 @@ def test_bench_repeats_keep_the_median_and_check_parity_on_every_run(tiny, tmp_p
 def test_outputs_ending_in_a_loop_are_found_and_left_out_of_the_second_speedup():
     """A looping output (the last 64 tokens repeat with a period of at most 32) is flagged, an
     ordinary one is not, and the summary's speedup without loops is computed over the rest."""
-    from bench import ends_in_loop, summarise
+    from report import ends_in_loop, summarise
     text = list(range(100, 180))                                     # 80 distinct tokens
     for period in (1, 5, 32):
         assert ends_in_loop(text + list(range(period)) * (70 // period + 2))

@@ -10,8 +10,9 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from adadecode import generate_greedy, main, read_prompts
+from adadecode import generate_greedy, main
 from checkpoint import load_model, prepare_default_model
+from cli import read_prompts
 from conftest import assert_close, random_llama, save_tiny_checkpoint, tiny_config
 from kvcache import KVCache
 from model import CheckpointError, InputError

@@ -13,7 +13,8 @@ from adadecode import generate_ada, generate_greedy
 from exits import FEATURES, Guard, Logistic, Threshold, from_spec, in_context, lookup
 from heads import Guess
 from model import InputError
-from simulate import Recorder, Trace, choose_thresholds, figures, fit_logistic
+from record import Recorder
+from simulate import Trace, choose_thresholds, figures, fit_logistic
 from test_parity import check_same_cache, random_heads, setups
 
 
@@ -298,7 +299,7 @@ def test_the_cost_model_times_every_row_count_the_check_and_the_lm_head():
     """row_costs (simulate.py's and bench.py --row-cost's cost model): a positive time per
     layer call for every row count asked for, in any iterable, and for a check and the LM head."""
     from conftest import random_llama
-    from simulate import row_costs
+    from record import row_costs
     model = random_llama(0, n_layers=4, vocab=61)
     cost = row_costs(model, random_heads(model, [1, 2], 0, 1.0), rows=range(1, 4), context=8, repeats=2)
     assert set(cost) == {1, 2, 3, "logits", "check"} and all(v > 0 for v in cost.values())

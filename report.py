@@ -1,0 +1,246 @@
+"""
+What a benchmark run reports, from the rows bench.py timed: per method the throughput,
+the speedups over greedy in the same dtype (aggregate, median, and without the prompts
+whose output ends in a repetition loop), the exit statistics and parity (summarise);
+the terminal table; each dtype's memory-bandwidth floor (floor_report); results.csv;
+and the plots (threshold sweep, exit layers, the schedule of one prompt, the row cost).
+Nothing here runs the model or times anything.
+"""
+import csv
+import statistics
+from collections import Counter, defaultdict
+
+import torch
+
+from checkpoint import huge_page_bytes
+
+
+LAUNCH_SECONDS = 5e-6      # a typical CUDA kernel launch from eager PyTorch, for the launch-bound estimate
+
+
+def weight_memory(model):
+    """Bytes the weights occupy (parameters and buffers, a shared matrix once)."""
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
+
+
+def weight_bytes_per_token(model):
+    """Bytes of weights read to decode one token: every matrix once (int8 weights and their
+    scales included), except the embedding, of which the lookup reads one row, unless the
+    LM head multiplies by that very matrix (a packed or int8 LM head is its own copy)."""
+    emb = model.tok_embeddings.weight
+    total = weight_memory(model)
+    if not (isinstance(model.output, torch.nn.Linear) and model.output.weight is emb):
+        total -= (emb.shape[0] - 1) * emb.shape[1] * emb.element_size()
+    return total
+
+
+def ends_in_loop(tokens, span=64, max_period=32):
+    """Whether an output ends in a repetition loop: its last `span` tokens each equal the
+    token `p` places before, for some period p <= max_period (a line, a phrase or a digit
+    repeated until the token budget runs out). The context's exit predicts such text almost
+    for free, so a few looping outputs can carry a method's aggregate speedup; the summary
+    reports the speedup without them beside it."""
+    for p in range(1, max_period + 1):
+        if len(tokens) >= span + p and all(tokens[-i] == tokens[-i - p] for i in range(1, span + 1)):
+            return True
+    return False
+
+
+def rate(rows):
+    """Decoded tokens per second over rows, or None when nothing was decoded. A row's first
+    token comes from the prompt's prefill, which is timed apart (its `prefill_seconds`), so
+    it is not counted against the decoding time (as adadecode.py --json counts)."""
+    n, secs = sum(r["n_tokens"] - 1 for r in rows), sum(r["seconds"] for r in rows)
+    return n / secs if n > 0 and secs > 0 else None
+
+
+def ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def summarise(rows):
+    """Per (method, threshold): throughput, speedups, exit statistics, parity."""
+    by = defaultdict(list)
+    for r in rows:
+        by[r["label"]].append(r)
+    out = {}
+    for label, rs in by.items():
+        greedy = {r["prompt_index"]: r for r in by[rs[0]["reference"]]}      # greedy in the same dtype
+        toks = sum(r["n_tokens"] for r in rs)
+        timed = [r for r in rs if rate([r]) and rate([greedy[r["prompt_index"]]])]   # decoded more than the prefill's token
+        s = Counter()
+        for r in rs:
+            for k in ("accepted", "rejected", "discarded", "verifications", "layer_rows", "layer_calls",
+                      "sequential_layers", "greedy_layer_rows", "head_checks", "sim_sequential_layers", "host_syncs"):
+                s[k] += r["stats"].get(k, 0)
+            for l, c in r["stats"].get("early_by_layer", {}).items():
+                s[f"early@{l}"] += c
+        early = sum(v for k, v in s.items() if k.startswith("early@"))
+        plain = [r for r in rs if not r["loops"]]            # greedy's output (in this dtype) does not loop
+        out[label] = {
+            "prompts": len(rs), "tokens": toks, "tokens_per_second": rate(rs),
+            "median_tokens_per_second": statistics.median(rate([r]) for r in timed) if timed else None,
+            "speedup": ratio(rate(rs), rate(greedy.values())),
+            "median_speedup": statistics.median(rate([r]) / rate([greedy[r["prompt_index"]]]) for r in timed) if timed else None,
+            "looping_prompts": len(rs) - len(plain),
+            "speedup_without_loops": ratio(rate(plain), rate([greedy[r["prompt_index"]] for r in plain])),
+            "ideal_speedup": s["greedy_layer_rows"] / max(s["sequential_layers"], 1) if label != "hf" else None,
+            "simulated_ideal_speedup": (s["greedy_layer_rows"] / max(s["sim_sequential_layers"], 1)
+                                        if s["sim_sequential_layers"] else None),
+            "parity": sum(r["parity"] for r in rs) / len(rs),
+            "early_rate_per_layer": {k.split("@")[1]: v / toks for k, v in s.items() if k.startswith("early@")},
+            "early_rate": early / toks, "rejection_rate": s["rejected"] / max(s["accepted"] + s["rejected"], 1),
+            "accepted_per_verification": s["accepted"] / max(s["verifications"], 1),
+            "mean_rows_per_call": s["layer_rows"] / max(s["layer_calls"], 1),
+            "median_prefill_seconds": statistics.median(r["prefill_seconds"] for r in rs),
+            "host_syncs_per_token": s["host_syncs"] / toks if label != "hf" else None,
+            "peak_memory_bytes": max(r["stats"].get("peak_memory", 0) for r in rs),
+        }
+    return out
+
+
+def print_table(summary, title):
+    print(f"\n{title}")
+    cols = ["method", "tok/s", "speedup", "med.spd", "no-loops", "ideal", "sim.ideal", "early", "reject", "acc/ver",
+            "rows/call", "parity"]
+    w = max(9, *map(len, summary))
+    print(f"{cols[0]:>{w}}  " + "  ".join(f"{c:>9}" for c in cols[1:]))
+    for label, s in summary.items():
+        f = lambda v, fmt: "-" if v is None else format(v, fmt)
+        print(f"{label:>{w}}  " + "  ".join(f"{x:>9}" for x in [f(s["tokens_per_second"], ".2f"), f(s["speedup"], ".3f") + "x",
+                                            f(s["median_speedup"], ".3f") + "x",
+                                            f(s["speedup_without_loops"], ".3f") + f"x/{s['looping_prompts']}",
+                                            f(s["ideal_speedup"], ".2f") + "x",
+                                            f(s["simulated_ideal_speedup"], ".2f") + "x",
+                                            f(s["early_rate"], ".1%"), f(s["rejection_rate"], ".1%"),
+                                            f(s["accepted_per_verification"], ".2f"), f(s["mean_rows_per_call"], ".2f"),
+                                            f(s["parity"], ".0%")]))
+
+
+def floor_report(dt, model, greedy, bw, device):
+    """dtype dt's memory-bandwidth floor (weights read per token / measured read bandwidth
+    bw, GB/s) and greedy's share of it, printed and returned; with the float32 kernel chosen
+    at load, and on a GPU the launch-bound estimate from greedy's operator calls."""
+    wbytes = weight_bytes_per_token(model)
+    g = greedy["tokens_per_second"]
+    huge = huge_page_bytes(model) if torch.device(device).type == "cpu" else None
+    floor = {"weight_bytes_per_token": wbytes, "weight_memory_bytes": weight_memory(model),
+             "floor_tokens_per_second": bw * 1e9 / wbytes, "greedy_fraction_of_floor": g / (bw * 1e9 / wbytes),
+             "huge_page_bytes": huge}
+    print(f"\n{dt}: memory-bandwidth floor: {wbytes / 1e6:.0f} MB of weights per token / {bw:.1f} GB/s measured "
+          f"read bandwidth = {bw * 1e9 / wbytes:.1f} tok/s; greedy reaches {g:.1f} tok/s "
+          f"({g / (bw * 1e9 / wbytes):.0%} of the floor); weights in memory {floor['weight_memory_bytes'] / 2**20:.0f} MiB"
+          + ("" if huge is None else f", {huge / 2**20:.0f} MiB of them in huge pages"))
+    packing = getattr(model, "packing", None)
+    if packing:                  # float32 on the CPU: which kernel load_model's timing chose
+        floor["packing"] = packing
+        print(f"{dt}: {'oneDNN packed kernel' if packing['packed'] else 'F.linear'} chosen at load: every "
+              f"matrix for 1 and 3 rows took {packing['packed_seconds'] * 1e3:.1f} ms packed, "
+              f"{packing['dense_seconds'] * 1e3:.1f} ms with F.linear")
+    calls = greedy.get("operator_calls_per_token")
+    if calls and torch.device(device).type == "cuda":   # at batch 1 a small model is launch-bound
+        floor["launch_bound_tokens_per_second"] = 1 / (calls * LAUNCH_SECONDS)
+        per_call = 1 / (g * calls)                        # measured: the host's whole cost per operator
+        floor["seconds_per_operator_call"] = per_call
+        print(f"{dt}: launch-bound estimate: {calls:.0f} operator calls per token x "
+              f"{LAUNCH_SECONDS * 1e6:.0f} us per kernel launch = {1 / (calls * LAUNCH_SECONDS):.0f} tok/s; "
+              f"measured: {per_call * 1e6:.1f} us per operator call (Python, dispatch and launch on the host)")
+    return floor
+
+
+def write_csv(path, rows):
+    """results.csv: one row per prompt and method."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt_index", "category", "method", "threshold", "dtype", "n_tokens", "seconds",
+                    "tokens_per_second", "prefill_seconds", "parity", "early", "rejected", "mean_rows_per_call",
+                    "ideal_speedup", "loops"])
+        for r in rows:
+            st = r["stats"]
+            w.writerow([r["prompt_index"], r["category"], r["method"], r["threshold"], r["dtype"], r["n_tokens"],
+                        f"{r['seconds']:.4f}", "" if rate([r]) is None else f"{rate([r]):.3f}", f"{r['prefill_seconds']:.4f}",
+                        int(r["parity"]), st.get("early", ""), st.get("rejected", ""),
+                        f"{st['mean_rows_per_call']:.3f}" if "mean_rows_per_call" in st else "",   # not for transformers'
+                        f"{st['ideal_speedup']:.3f}" if "ideal_speedup" in st else "", int(r["loops"])])
+
+
+def plots(out, summary, trace, thresholds, n_layers, heads_layers):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    files = []
+    if len(thresholds) > 1:
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        sp = [summary[f"ada@{t}"]["speedup"] for t in thresholds]
+        rj = [summary[f"ada@{t}"]["rejection_rate"] for t in thresholds]
+        ax.plot(thresholds, sp, "o-", label="AdaDecode speedup (measured)")
+        ax.plot(thresholds, [summary[f"ada@{t}"]["ideal_speedup"] for t in thresholds], "s--", label="ideal hardware")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xlabel("threshold"), ax.set_ylabel("speedup over greedy")
+        ax2 = ax.twinx()
+        ax2.plot(thresholds, rj, "r^:", label="rejection rate")
+        ax2.set_ylabel("rejection rate", color="r")
+        ax.legend(loc="upper left", fontsize=8)
+        fig.tight_layout(), fig.savefig(out / "threshold_sweep.png", dpi=110), plt.close(fig)
+        files.append("threshold_sweep.png")
+    # distribution of the layer each verified token was decided at (early exits vs the full model)
+    labels = [k for k in summary if k.startswith("ada")][:3]
+    if not labels:                     # no AdaDecode run: nothing exited
+        return files
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    exits = ([0] if any(summary[k]["early_rate_per_layer"].get("0") for k in labels) else []) + heads_layers
+    for label in labels:
+        rate = summary[label]["early_rate_per_layer"]
+        ys = [rate.get(str(l), 0.0) for l in exits]
+        names = [str(x) + ("\n(context)" if x == 0 else "\n(full)" if x == n_layers else "") for x in exits + [n_layers]]
+        ax.bar(names, ys + [max(0.0, 1 - sum(ys))], alpha=0.6, label=label)
+    ax.set_xlabel("exit layer (last bar: the rest, decided by the full model)")
+    ax.set_ylabel("early tokens / generated tokens")
+    ax.set_title("Early exits per head (rejected ones included)"), ax.legend(fontsize=8)
+    fig.tight_layout(), fig.savefig(out / "exit_layers.png", dpi=110), plt.close(fig)
+    files.append("exit_layers.png")
+    if trace:
+        schedule_plot(out / "schedule.png", trace, n_layers, heads_layers)
+        files.append("schedule.png")
+    return files
+
+
+def schedule_plot(path, trace, n_layers, heads_layers, max_steps=28):
+    """Steps on x, layers on y; each bar is one layer call, labelled with the tokens (by
+    generated index) whose rows it ran; early exits and rollbacks marked."""
+    import matplotlib.pyplot as plt
+    runs = [e for e in trace if e[0] == "run" and e[1] <= max_steps]
+    fig, ax = plt.subplots(figsize=(12, 5))
+    cmap = plt.get_cmap("viridis")
+    for _, step, start, stop, first, rows in runs:
+        ax.add_patch(plt.Rectangle((step - 0.42, start), 0.84, stop - start, color=cmap(min(rows, 6) / 6), alpha=0.85))
+        label = f"t{first}" if rows == 1 else f"t{first}-{first + rows - 1}"
+        if stop - start >= 2:
+            ax.text(step, (start + stop) / 2, label, ha="center", va="center", fontsize=6, rotation=90, color="w")
+    for e in trace:
+        if e[0] == "exit" and e[1] <= max_steps:
+            ax.plot(e[1], e[2], "w>", ms=7, mec="k")
+        if e[0] == "rollback" and e[1] <= max_steps:
+            ax.plot(e[1], n_layers + 0.6, "rx", ms=9, mew=2)
+    for l in heads_layers:
+        ax.axhline(l, color="grey", lw=0.6, ls=":")
+    ax.set_xlim(0.4, max_steps + 0.6), ax.set_ylim(0, n_layers + 1.2)
+    ax.set_xlabel("step (one climb up the stack)"), ax.set_ylabel("layer")
+    ax.set_title("AdaDecode schedule: bars are layer calls (colour = rows in the call, label = tokens);"
+                 " ▶ early exit, red x = rollback", fontsize=9)
+    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 6))
+    fig.colorbar(sm, ax=ax, label="rows in the layer call")
+    fig.tight_layout(), fig.savefig(path, dpi=120), plt.close(fig)
+
+
+def row_cost_plot(path, rows, mach):
+    """rows {n: seconds per layer call of n rows}, relative to one row, beside proportional cost."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    ax.plot(list(rows), [c / rows[1] for c in rows.values()], "o-", label=f"{mach['dtype']}")
+    ax.plot(list(rows), list(rows), "k:", lw=0.8, label="proportional to rows")
+    ax.set_xlabel("rows in one layer call"), ax.set_ylabel("time relative to one row")
+    ax.set_title(f"Row cost: {mach.get('gpu', mach['cpu'])}", fontsize=8), ax.legend(fontsize=8)
+    fig.tight_layout(), fig.savefig(path, dpi=110), plt.close(fig)
