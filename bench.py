@@ -181,9 +181,11 @@ def check_args(a):
         raise InputError(f"--threshold values must be in [0, 1], got {a.threshold}")
     if a.n < 1:
         raise InputError("--n must be at least 1")
-    if a.max_new_tokens < 2 or (a.max_pending or 0) < 0:
+    if a.max_new_tokens < 2:
         raise InputError("--max-new-tokens must be at least 2 (the first token comes from the prefill, which is "
-                         "timed apart: one token leaves nothing to time) and --max-pending at least 0")
+                         "timed apart: one token leaves nothing to time)")
+    if a.max_pending is not None and a.max_pending < 0:
+        raise InputError(f"--max-pending must be at least 0, got {a.max_pending}")
     if a.repeats < 1:
         raise InputError("--repeats must be at least 1")
     if a.compare_hf and a.dtype and set(a.dtype) != {"float32"}:

@@ -545,6 +545,7 @@ def test_prepare_command_prints_the_folder_and_refuses_unknown_names():
     (["--n", "0"], "--n"),
     (["--max-new-tokens", "0"], "--max-new-tokens"),
     (["--max-new-tokens", "1"], "nothing to time"),
+    (["--max-pending", "-1"], "--max-pending must be at least 0, got -1"),
     (["--threshold", "1.5"], "--threshold"),
     (["--device", "tpu"], "not a device name"),
     (["--dtype", "float32", "int8", "--row-cost"], "one dtype"),
