@@ -336,8 +336,10 @@ def main(argv=None):
                          "split) and store it in the heads file")
     a = ap.parse_args(argv)
     try:
-        if a.max_new_tokens < 1 or (a.max_pending or 0) < 0 or a.n < 4:
-            raise InputError("--max-new-tokens must be >= 1, --max-pending >= 0, --n >= 4")
+        for flag, value, least in (("--max-new-tokens", a.max_new_tokens, 1), ("--max-pending", a.max_pending, 0),
+                                   ("--n", a.n, 4)):
+            if value is not None and value < least:
+                raise InputError(f"{flag} must be at least {least}, got {value}")
         heads_path = a.heads or (DEFAULT_HEADS if not a.model else None)
         if not heads_path:
             raise InputError("--heads is needed for a model other than the default")

@@ -676,7 +676,8 @@ def test_json_speed_counts_decoded_tokens_only(capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--device", "tpu"], "not a device name"), (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--device", "tpu"], "not a device name"), (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--max-pending", "-1"], "--max-pending must be at least 0, got -1"), (["--n", "3"], "--n must be at least 4"),
     (["--prompts", "missing.jsonl"], "missing.jsonl"),
 ])
 def test_simulate_refuses_before_the_long_work(argv, message, capsys, monkeypatch):
