@@ -641,9 +641,11 @@ def test_bench_compare_hf_writes_every_file(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--shortlist", "-1"], "--shortlist"), (["--n", "2"], "--n"), (["--lr", "0"], "--lr"),
-    (["--heldout", "1"], "--heldout"), (["--epochs", "-1"], "--epochs"), (["--max-new-tokens", "0"], "--max-new-tokens"),
-    (["--device", "tpu"], "not a device name"),
+    (["--shortlist", "-1"], "--shortlist must be at least 0"), (["--n", "2"], "--n must be at least 4, got 2"),
+    (["--lr", "0"], "--lr must be above 0"), (["--lr", "nan"], "--lr must be above 0, got nan"),
+    (["--heldout", "1"], "--heldout must be between 0 and 1"), (["--epochs", "-1"], "--epochs must be at least 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"), (["--ce", "-0.5"], "--ce must be at least 0"),
+    (["--batch", "0"], "--batch must be at least 1"), (["--device", "tpu"], "not a device name"),
 ])
 def test_train_heads_refuses_bad_arguments_before_training(tmp_path, argv, message, capsys, monkeypatch):
     import train_heads

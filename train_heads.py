@@ -156,11 +156,14 @@ def main(argv=None):
     ap.add_argument("--out", default="heads/smollm2-135m-instruct.safetensors")
     a = ap.parse_args(argv)
     try:
-        for flag, ok in (("--n", a.n >= 4), ("--epochs", a.epochs >= 0), ("--batch", a.batch >= 1), ("--lr", a.lr > 0),
-                         ("--shortlist", a.shortlist >= 0), ("--heldout", 0 < a.heldout < 1), ("--ce", a.ce >= 0),
-                         ("--max-new-tokens", a.max_new_tokens >= 1)):
-            if not ok:
-                raise InputError(f"{flag} is out of range (see --help)")
+        for flag, value, ok, rule in (("--n", a.n, a.n >= 4, "at least 4"), ("--epochs", a.epochs, a.epochs >= 0, "at least 0"),
+                                      ("--batch", a.batch, a.batch >= 1, "at least 1"), ("--lr", a.lr, a.lr > 0, "above 0"),
+                                      ("--shortlist", a.shortlist, a.shortlist >= 0, "at least 0 (0: the whole vocabulary)"),
+                                      ("--heldout", a.heldout, 0 < a.heldout < 1, "between 0 and 1"),
+                                      ("--ce", a.ce, a.ce >= 0, "at least 0"),
+                                      ("--max-new-tokens", a.max_new_tokens, a.max_new_tokens >= 1, "at least 1")):
+            if not ok:                     # (a NaN fails every rule)
+                raise InputError(f"{flag} must be {rule}, got {value}")
         if Path(a.out).is_dir():   # checked before the long work, not after it
             raise InputError(f"--out {a.out} is a folder; give the heads file's path")
         check_writable(Path(a.out).absolute().parent, f"--out {a.out}", "before training")
