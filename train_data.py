@@ -5,10 +5,12 @@ The default prompts are "complete this function" requests built from the signatu
 docstrings of the standard library's pure-Python functions (stdlib_function_prompts),
 with --domains mixed also math, summaries, explanations and translations written for
 this project (domain_prompts). A seeded split holds 15% out (held_out_split,
-default_split: simulate.py replays the same held-out prompts). No training prompt may
-share six words in a row with a prompt bench.py reports (without_benchmark_prompts,
-reported_prompts). The answers are the model's own greedy responses, generated once
-and cached (generate_responses), plus each function's real source (function_sources).
+default_split: simulate.py replays the same held-out prompts). None is a prompt
+bench.py reports (test_heads.py checks); the other domains' prompts also drop any that
+shares six words in a row with one (without_benchmark_prompts), and train_heads.py
+--prompts warns about a file that does (reported_prompts). The answers are the model's
+own greedy responses, generated once and cached (generate_responses), plus each
+function's real source (function_sources).
 """
 import hashlib
 import importlib
