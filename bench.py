@@ -193,7 +193,8 @@ def check_args(a):
     if a.row_cost and len(set(a.dtype or [])) > 1:
         raise InputError("--row-cost measures one dtype per run")
     heads_path = a.heads or (DEFAULT_HEADS if not a.model else None)
-    if not heads_path and methods != ["greedy"]:
+    # (--row-cost times the exit check only where there are heads)
+    if not heads_path and methods != ["greedy"] and not a.row_cost:
         raise InputError("--heads is needed for a model other than the default")
     check_writable_folder(Path(a.out), "--out")
     check_device(a.device)

@@ -591,6 +591,20 @@ def test_bench_repeats_keep_the_median_and_check_parity_on_every_run(tiny, tmp_p
     assert calls[4:10] == ["greedy", "ada", "ada", "greedy", "greedy", "ada"]   # prompt 0's three runs: the order turns
 
 
+def test_bench_row_cost_writes_its_table_and_plot(tiny, tmp_path, monkeypatch):
+    """--row-cost measures only the row-cost curve: 1 to 8 rows, the LM head, the float32
+    kernel chosen at load, in results.json, and row_cost.png; no prompt is decoded."""
+    import bench
+    monkeypatch.setattr(bench, "run_method", lambda *a, **k: pytest.fail("a prompt was decoded"))
+    assert bench.main(["--model", str(tiny), "--row-cost", "--dtype", "float32", "--out", str(tmp_path / "rc")]) == 0
+    result = json.loads((tmp_path / "rc" / "results.json").read_text())
+    assert sorted(result["row_cost_seconds"], key=int) == [str(r) for r in range(1, 9)]
+    assert all(v > 0 for v in result["row_cost_seconds"].values()) and result["lm_head_seconds"] > 0
+    assert result["check_seconds"] is None and result["machine"]["dtype"] == "float32"
+    assert set(result["packing"]) >= {"packed", "packed_seconds", "dense_seconds"}
+    assert (tmp_path / "rc" / "row_cost.png").stat().st_size > 1000
+
+
 def test_outputs_ending_in_a_loop_are_found_and_left_out_of_the_second_speedup():
     """A looping output (the last 64 tokens repeat with a period of at most 32) is flagged, an
     ordinary one is not, and the summary's speedup without loops is computed over the rest."""
