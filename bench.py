@@ -325,9 +325,10 @@ def report(b, rows, trace, op_counts, warm_up_seconds, per_method):
     print_table(summary, f"{len(b.prompts)} prompts x {a.max_new_tokens} new tokens, {mach['device']} {mach['dtype']}, "
                          f"{mach.get('gpu', mach['cpu'])}, max_pending {'/'.join(str(b.pending[dt]) for dt in dtypes)}"
                          + (f", median of {a.repeats} runs per prompt" if a.repeats > 1 else ""))
+    calls = lambda v: (f"{v['operator_calls_per_token']:.0f} operator calls" if "operator_calls_per_token" in v
+                       else "operator calls not counted")
     print("per generated token (prompt 0 for operator calls): " + "; ".join(
-        f"{k} {v['host_syncs_per_token']:.2f} host syncs, " + (f"{v['operator_calls_per_token']:.0f} operator calls"
-                                                              if "operator_calls_per_token" in v else "operator calls not counted")
+        f"{k} {v['host_syncs_per_token']:.2f} host syncs, {calls(v)}"
         for k, v in summary.items() if v.get("host_syncs_per_token") is not None))
     for c, s in per_cat.items():
         print_table(s, f"category: {c}")
@@ -350,9 +351,9 @@ def report(b, rows, trace, op_counts, warm_up_seconds, per_method):
     out.mkdir(parents=True, exist_ok=True)
     model, heads, _ = b.engines[dtypes[0]]
     figs = plots(out, summary, trace, a.threshold or [], model.args.n_layers, heads.layers if heads else [])
-    result = {"machine": mach, "args": vars(a), "summary": summary, "per_category": per_cat,
-              "bandwidth_gb_s": bw, "warm_up_seconds": warm_up_seconds, "per_dtype": floors, "dtype_agreement": agreement, "peak_memory_bytes": mem,
-              "max_pending": b.pending, "heads": heads.meta if heads else None, "rows": rows}
+    result = {"machine": mach, "args": vars(a), "summary": summary, "per_category": per_cat, "bandwidth_gb_s": bw,
+              "warm_up_seconds": warm_up_seconds, "per_dtype": floors, "dtype_agreement": agreement,
+              "peak_memory_bytes": mem, "max_pending": b.pending, "heads": heads.meta if heads else None, "rows": rows}
     (out / "results.json").write_text(json.dumps(result, indent=1))
     write_csv(out / "results.csv", rows)
     print(f"wrote {out / 'results.json'}, {out / 'results.csv'}, " + ", ".join(str(out / f) for f in figs))
