@@ -190,7 +190,7 @@ def check_args(a):
         raise InputError("--repeats must be at least 1")
     if a.compare_hf and a.dtype and set(a.dtype) != {"float32"}:
         raise InputError("--compare-hf times transformers' float32 greedy; run it with --dtype float32 alone")
-    if a.row_cost and len(set(a.dtype or [])) > 1:
+    if a.row_cost and len(asked_dtypes(a)) > 1:
         raise InputError("--row-cost measures one dtype per run")
     heads_path = a.heads or (DEFAULT_HEADS if not a.model else None)
     # (--row-cost times the exit check only where there are heads)
@@ -201,11 +201,16 @@ def check_args(a):
     return methods, thresholds, heads_path
 
 
+def asked_dtypes(a):
+    """--dtype's values, once each; None for the default: int4 or int8 on the CPU where the
+    model allows it, else float32 (with --compare-hf: float32)."""
+    return list(dict.fromkeys(a.dtype or (["float32"] if a.compare_hf else [None])))
+
+
 def load(a, methods, thresholds, heads_path):
     """The models (one per dtype), heads, prompts and transformers' model for --compare-hf."""
     prompts = (read_prompts(a.prompts) if a.prompts else humaneval_prompts())[:a.n]
-    # the default: int4 or int8 on the CPU where the model allows it, else float32 (--compare-hf: float32)
-    dtypes = list(dict.fromkeys(a.dtype or (["float32"] if a.compare_hf else [None])))
+    dtypes = asked_dtypes(a)
     torch.manual_seed(a.seed)
     engines = {}
     for dt in dtypes:
@@ -288,7 +293,7 @@ def main(argv=None):
     try:
         methods, thresholds, heads_path = check_args(a)
         if a.row_cost:
-            dt = (a.dtype or (["float32"] if a.compare_hf else [None]))[0]
+            dt = asked_dtypes(a)[0]
             model, _, heads = setup(a.model, heads_path, a.device, dt and getattr(torch, dt))
             return row_cost_report(Path(a.out), model, heads, machine(a.device, precision(model)))
         b = load(a, methods, thresholds, heads_path)
