@@ -19,6 +19,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -29,7 +30,8 @@ from model import InputError
 from quantize import (int4_is_lossless, int4_unsupported, int8_unsupported, pack_float32, pack_unsupported, precision,
                       quantize_int4, quantize_int8)
 
-DEFAULT_HEADS = "heads/smollm2-135m-instruct.safetensors"
+# the shipped heads, found next to this file whatever the working directory
+DEFAULT_HEADS = str(Path(__file__).resolve().parent / "heads" / "smollm2-135m-instruct.safetensors")
 DTYPES = ["float32", "int8", "int4", "bfloat16", "float64"]
 
 
@@ -396,7 +398,7 @@ def main(argv=None):
     src.add_argument("--prompts", help="JSON Lines file: {\"prompt\": ...} or {\"turns\": [...]} per line")
     ap.add_argument("--raw", action="store_true", help="feed the text as is, without the chat template")
     ap.add_argument("--method", choices=["greedy", "ada", "selfspec"], default="greedy")
-    ap.add_argument("--heads", help=f"exit heads file (default for the default model: {DEFAULT_HEADS})")
+    ap.add_argument("--heads", help="exit heads file (default for the default model: heads/smollm2-135m-instruct.safetensors)")
     ap.add_argument("--threshold", type=float, help="exit when the head's top-1 probability is at least this "
                     "(default: the exit policy tuned for the heads, stored in the heads file)")
     ap.add_argument("--max-pending", type=int, help="at most this many unverified early tokens (default: 3 in int8 "

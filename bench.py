@@ -137,7 +137,7 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(description="Benchmark greedy vs AdaDecode vs self-speculative decoding (batch 1).")
     ap.add_argument("--model", help="a Llama-family or Qwen2 checkpoint folder, or a hub id (org/name) "
                     "(default: SmolLM2-135M-Instruct)")
-    ap.add_argument("--heads", help=f"exit heads file (default: {DEFAULT_HEADS})")
+    ap.add_argument("--heads", help="exit heads file (default: heads/smollm2-135m-instruct.safetensors)")
     ap.add_argument("--prompts", help="JSON Lines prompt file (default: HumanEval's 164 prompts)")
     ap.add_argument("--raw", action="store_true", help="no chat template")
     ap.add_argument("--n", type=int, default=16, help="number of prompts")

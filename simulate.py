@@ -317,7 +317,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Replay AdaDecode's schedule for exit policies from recorded greedy traces.")
     ap.add_argument("--model", help="a Llama-family or Qwen2 checkpoint folder, or a hub id (org/name) "
                     "(default: SmolLM2-135M-Instruct)")
-    ap.add_argument("--heads", help=f"exit heads file (default: {DEFAULT_HEADS})")
+    ap.add_argument("--heads", help="exit heads file (default: heads/smollm2-135m-instruct.safetensors)")
     ap.add_argument("--prompts", help="JSON Lines prompt file (default: the held-out split of train_heads.py's prompts)")
     ap.add_argument("--raw", action="store_true", help="no chat template")
     ap.add_argument("--n", type=int, default=400, help="prompts (train + held-out) of the default set, as train_heads.py")

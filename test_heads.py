@@ -118,6 +118,15 @@ def test_shipped_heads_load_for_the_default_model_and_refuse_others(real, tmp_pa
     assert "another model" in capsys.readouterr().err
 
 
+def test_the_shipped_heads_are_found_from_any_working_directory(real, tmp_path, monkeypatch, capsys):
+    """`python /path/to/adadecode.py --method ada` run from another folder uses the shipped
+    heads next to the script, not a heads/ folder under the working directory."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["--prompt", "Say hi.", "--method", "ada", "--dtype", "float32", "--max-new-tokens", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["tokens"]) == 3 and out["method"] == "ada"
+
+
 def test_training_prompts_are_deterministic_and_never_benchmark_prompts():
     """The held-out split is the same in every process (no memory addresses in the prompts),
     and no training prompt is one that bench.py reports (HumanEval, prompts.jsonl) or that

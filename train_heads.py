@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from adadecode import prompt_token_ids
+from adadecode import DEFAULT_HEADS, prompt_token_ids
 from checkpoint import Tokenizer, eos_ids, load_model, prepare_default_model, resolve_checkpoint
 from cli import check_device, check_writable, default_device, read_prompts
 from heads import ExitHeads
@@ -153,7 +153,8 @@ def main(argv=None):
                     help="the model the held-out evaluation runs on; the heads always train on float32 (int8, int4: "
                          "the check as the CPU's quantised models run it)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="heads/smollm2-135m-instruct.safetensors")
+    ap.add_argument("--out", default=DEFAULT_HEADS,
+                    help="where to write the heads (default: the shipped file, heads/smollm2-135m-instruct.safetensors)")
     a = ap.parse_args(argv)
     try:
         for flag, value, ok, rule in (("--n", a.n, a.n >= 4, "at least 4"), ("--epochs", a.epochs, a.epochs >= 0, "at least 0"),
