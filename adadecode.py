@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import Tokenizer, eos_ids, in_huge_pages, load_model, prepare_default_model
+from checkpoint import Tokenizer, check_model_name, eos_ids, in_huge_pages, load_model, prepare_default_model
 from cli import check_device, default_device, read_prompts
 from exits import CONTEXT, Threshold, context_guess, from_spec, in_context, lookup
 from model import InputError
@@ -423,6 +423,8 @@ def main(argv=None):
             raise InputError("--prompt is empty")
         check_device(a.device)
         dtype = getattr(torch, a.dtype) if a.dtype else None
+        if a.model:
+            check_model_name(a.model)
         heads_path = a.heads or (DEFAULT_HEADS if a.method != "greedy" and not a.model else None)
         if a.method != "greedy" and not heads_path:
             raise InputError(f"--method {a.method} needs --heads for a model other than the default")

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from adadecode import (DEFAULT_HEADS, DTYPES, default_max_pending, eos_ids, exit_policy, generate_ada,
                        generate_greedy, generate_selfspec, prompt_token_ids, setup, sync)
-from checkpoint import prepare_default_model, resolve_checkpoint
+from checkpoint import check_model_name, prepare_default_model, resolve_checkpoint
 from cli import check_device, check_writable, default_device, read_prompts
 from model import InputError
 from quantize import precision
@@ -192,6 +192,8 @@ def check_args(a):
         raise InputError("--compare-hf times transformers' float32 greedy; run it with --dtype float32 alone")
     if a.row_cost and len(asked_dtypes(a)) > 1:
         raise InputError("--row-cost measures one dtype per run")
+    if a.model:
+        check_model_name(a.model)
     heads_path = a.heads or (DEFAULT_HEADS if not a.model else None)
     # (--row-cost times the exit check only where there are heads)
     if not heads_path and methods != ["greedy"] and not a.row_cost:

@@ -100,12 +100,22 @@ CHECKPOINT_FILES = ["config.json", "*.safetensors", "model.safetensors.index.jso
                     "tokenizer_config.json", "chat_template.jinja", "generation_config.json"]
 
 
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")        # org/name
+
+
+def check_model_name(name):
+    """--model NAME before any other check: an existing path or a hub id (resolved later),
+    else the one-line error read_checkpoint would give, so it is not hidden behind another."""
+    if not Path(name).exists() and not HUB_ID.fullmatch(str(name)):
+        raise CheckpointError(f"{name}: no such folder (a checkpoint is a folder with config.json and safetensors files)")
+
+
 def resolve_checkpoint(name):
     """The folder for --model NAME: a local folder as given, or a Hugging Face hub id
     (org/name) resolved through huggingface_hub into its usual cache (config, safetensors
     and tokenizer files only), downloaded when missing and the network allows."""
     path = Path(name)
-    if path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(name)):
+    if path.exists() or not HUB_ID.fullmatch(str(name)):
         return path
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError

@@ -28,7 +28,7 @@ from types import SimpleNamespace
 
 import torch
 
-from checkpoint import resolve_checkpoint
+from checkpoint import check_model_name, resolve_checkpoint
 from exits import CONTEXT, FEATURES, Guard, Logistic, Threshold, context_guess, in_context, lookup
 from heads import Guess
 from kvcache import KVCache
@@ -340,6 +340,8 @@ def main(argv=None):
                                    ("--n", a.n, 4)):
             if value is not None and value < least:
                 raise InputError(f"{flag} must be at least {least}, got {value}")
+        if a.model:
+            check_model_name(a.model)
         heads_path = a.heads or (DEFAULT_HEADS if not a.model else None)
         if not heads_path:
             raise InputError("--heads is needed for a model other than the default")

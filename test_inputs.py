@@ -118,6 +118,7 @@ def test_a_dtype_the_model_cannot_take_is_one_line(tiny, capsys):
     (["--prompt", "hi", "--device", "tpu"], "not a device name"),
     (["--prompt", "hi", "--device", "meta"], "only cpu and cuda"),
     (["--prompt", "hi", "--heads", "/nonexistent.safetensors", "--method", "ada"], "no such heads file"),
+    (["--prompt", "hi", "--model", "/nonexistent", "--method", "ada"], "/nonexistent: no such folder"),
 ])
 def test_bad_flags_fail_before_the_model_loads(argv, message, capsys, monkeypatch):
     monkeypatch.setattr(adadecode, "load_model", lambda *a, **k: pytest.fail("the model loaded before the check"))
@@ -551,6 +552,7 @@ def test_prepare_command_prints_the_folder_and_refuses_unknown_names():
     (["--dtype", "float32", "int8", "--row-cost"], "one dtype"),
     (["--dtype", "int8", "--compare-hf"], "float32"),
     (["--repeats", "0"], "--repeats"),
+    (["--model", "/nonexistent"], "/nonexistent: no such folder"),   # not "--heads is needed"
 ])
 def test_bench_refuses_before_the_long_work(tmp_path, argv, message, capsys, monkeypatch):
     import bench
@@ -694,7 +696,7 @@ def test_json_speed_counts_decoded_tokens_only(capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--device", "tpu"], "not a device name"), (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     (["--max-pending", "-1"], "--max-pending must be at least 0, got -1"), (["--n", "3"], "--n must be at least 4"),
-    (["--prompts", "missing.jsonl"], "missing.jsonl"),
+    (["--prompts", "missing.jsonl"], "missing.jsonl"), (["--model", "/nonexistent"], "/nonexistent: no such folder"),
 ])
 def test_simulate_refuses_before_the_long_work(argv, message, capsys, monkeypatch):
     import simulate
