@@ -31,7 +31,7 @@ from cli import check_device, check_writable, default_device, read_prompts
 from model import InputError
 from quantize import precision
 from report import (ends_in_loop, floor_report, machine, peak_memory, plots, print_table, read_bandwidth,
-                    reset_peak_memory, row_cost_plot, summarise, write_csv)
+                    reset_peak_memory, row_cost_plot, summarise, write_csv, write_json)
 from train_data import CODE_REQUEST
 
 
@@ -361,8 +361,8 @@ def report(b, rows, trace, op_counts, warm_up_seconds, per_method):
     result = {"machine": mach, "args": vars(a), "summary": summary, "per_category": per_cat, "bandwidth_gb_s": bw,
               "warm_up_seconds": warm_up_seconds, "per_dtype": floors, "dtype_agreement": agreement,
               "peak_memory_bytes": mem, "max_pending": b.pending, "heads": heads.meta if heads else None, "rows": rows}
-    (out / "results.json").write_text(json.dumps(result, indent=1))
     write_csv(out / "results.csv", rows)
+    write_json(out / "results.json", result)            # last: the run's record, complete or not written
     print(f"wrote {out / 'results.json'}, {out / 'results.csv'}, " + ", ".join(str(out / f) for f in figs))
     parity = min(s["parity"] for s in summary.values())
     print(json.dumps({"parity": parity, **{k: round(v["speedup"], 4) for k, v in summary.items()}}))
@@ -384,10 +384,9 @@ def row_cost_report(out, model, heads, mach):
     if packing:
         print(f"  float32 kernel: {'oneDNN packed' if packing['packed'] else 'F.linear'}, chosen at load")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"machine": mach, "row_cost_seconds": rows,
-                                                  "check_seconds": cost.get("check"), "lm_head_seconds": cost["logits"],
-                                                  "packing": packing}, indent=1))
     row_cost_plot(out / "row_cost.png", rows, mach)
+    write_json(out / "results.json", {"machine": mach, "row_cost_seconds": rows, "check_seconds": cost.get("check"),
+                                      "lm_head_seconds": cost["logits"], "packing": packing})
     print(f"wrote {out / 'results.json'}, {out / 'row_cost.png'}")
     return 0
 

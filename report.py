@@ -8,6 +8,7 @@ And the machine they were taken on: its name, peak memory, read bandwidth. Nothi
 runs the model.
 """
 import csv
+import json
 import os
 import platform
 import re
@@ -15,6 +16,7 @@ import resource
 import statistics
 import time
 from collections import Counter, defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -206,9 +208,35 @@ def floor_report(dt, model, greedy, bw, device):
     return floor
 
 
+@contextmanager
+def replacing(path):
+    """A temporary name beside `path` to write to, renamed over `path` once the write is
+    done: an interrupted run leaves the previous file (or none), never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")   # the suffix tells matplotlib the format
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path, obj):
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1))
+
+
+def save(fig, path, dpi):
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+
+
 def write_csv(path, rows):
     """results.csv: one row per prompt and method."""
-    with open(path, "w", newline="") as f:
+    with replacing(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["prompt_index", "category", "method", "threshold", "dtype", "n_tokens", "seconds",
                     "tokens_per_second", "prefill_seconds", "parity", "early", "rejected", "mean_rows_per_call",
@@ -239,7 +267,7 @@ def plots(out, summary, trace, thresholds, n_layers, heads_layers):
         ax2.plot(thresholds, rj, "r^:", label="rejection rate")
         ax2.set_ylabel("rejection rate", color="r")
         ax.legend(loc="upper left", fontsize=8)
-        fig.tight_layout(), fig.savefig(out / "threshold_sweep.png", dpi=110), plt.close(fig)
+        save(fig, out / "threshold_sweep.png", 110)
         files.append("threshold_sweep.png")
     # distribution of the layer each verified token was decided at (early exits vs the full model)
     labels = [k for k in summary if k.startswith("ada")][:3]
@@ -255,7 +283,7 @@ def plots(out, summary, trace, thresholds, n_layers, heads_layers):
     ax.set_xlabel("exit layer (last bar: the rest, decided by the full model)")
     ax.set_ylabel("early tokens / generated tokens")
     ax.set_title("Early exits per head (rejected ones included)"), ax.legend(fontsize=8)
-    fig.tight_layout(), fig.savefig(out / "exit_layers.png", dpi=110), plt.close(fig)
+    save(fig, out / "exit_layers.png", 110)
     files.append("exit_layers.png")
     if trace:
         schedule_plot(out / "schedule.png", trace, n_layers, heads_layers)
@@ -288,7 +316,7 @@ def schedule_plot(path, trace, n_layers, heads_layers, max_steps=28):
                  " ▶ early exit, red x = rollback", fontsize=9)
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 6))
     fig.colorbar(sm, ax=ax, label="rows in the layer call")
-    fig.tight_layout(), fig.savefig(path, dpi=120), plt.close(fig)
+    save(fig, path, 120)
 
 
 def row_cost_plot(path, rows, mach):
@@ -301,4 +329,4 @@ def row_cost_plot(path, rows, mach):
     ax.plot(list(rows), list(rows), "k:", lw=0.8, label="proportional to rows")
     ax.set_xlabel("rows in one layer call"), ax.set_ylabel("time relative to one row")
     ax.set_title(f"Row cost: {mach.get('gpu', mach['cpu'])}", fontsize=8), ax.legend(fontsize=8)
-    fig.tight_layout(), fig.savefig(path, dpi=110), plt.close(fig)
+    save(fig, path, 110)

@@ -367,6 +367,25 @@ def test_interrupted_response_cache_is_not_trusted(tmp_path):
     assert cache.read_text().splitlines() == [json.dumps({"prompt_ids": [1, 2], "response_ids": [3, 4]})]
 
 
+def test_an_interrupted_report_file_keeps_the_previous_one(tmp_path):
+    """bench.py's results.json, results.csv and plots are written beside their place and
+    renamed over it when complete: stopped half-way, the previous run's file stays whole."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from report import replacing, save, write_json
+    path = tmp_path / "results.json"
+    write_json(path, {"run": 1})
+    with pytest.raises(KeyboardInterrupt):
+        with replacing(path) as tmp:
+            tmp.write_text('{"run": 2, "rows": [')           # half of the next run's record
+            raise KeyboardInterrupt
+    assert json.loads(path.read_text()) == {"run": 1} and sorted(tmp_path.iterdir()) == [path]
+    fig, _ = plt.subplots()
+    save(fig, tmp_path / "plot.png", 50)
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG" and len(list(tmp_path.iterdir())) == 2
+
+
 FLAG_VALUES = {
     "--method": ["greedy", "ada", "selfspec", "beam"], "--max-new-tokens": ["3", "0", "-1", "x", "1"],
     "--max-pending": ["0", "5", "-2", "1.5"], "--threshold": ["0.5", "2", "-0.1", "nan", "inf", "0"],

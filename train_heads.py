@@ -119,9 +119,8 @@ def calibration_plot(points, path, bins=10):
     ax.set_ylabel("accuracy (agrees with the final layer)")
     ax.set_title("Exit-head calibration, held-out split")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    from report import save
+    save(fig, path, 110)
 
 
 def main(argv=None):
