@@ -13,52 +13,48 @@ import time
 import torch
 import torch.nn as nn
 
-from model import ROW_BY_ROW, InputError, model_fingerprint
+from int8mm import MAX_K, int8mm, int8mm_op, pack, unpack
+from model import InputError, model_fingerprint
 
 
 def int8_grid(weight):
-    """weight (N, K) as int8 values in -127..127 times one bfloat16 scale per output row
-    (the kernel's scale dtype): (wq, scale)."""
+    """weight (N, K) as int8 values in -127..127 times one float32 scale per output row:
+    (wq, scale)."""
     w = weight.detach().float()
-    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-30).to(torch.bfloat16)
-    return (w / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-30)
+    return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
 
 
 class Int8Linear(nn.Module):
-    """A bias-free linear layer with weight-only int8 quantisation: W ~= Wq * scale, one
-    scale per output row. The CPU kernel takes bfloat16 activations, so x is rounded to
-    bfloat16 at the input and the result comes back in x's dtype; everything around the
-    matmul (residual stream, norms, attention) stays in float32. It reads a quarter of
-    float32's bytes, and its result for a row is bit-identical whatever the number of
-    rows in the call, which float32's F.linear does not promise."""
-
-    BLOCK = 4          # the kernel's rows per pass; a decoding call of more rows goes in pieces of 4
+    """A linear layer with weight-only int8 quantisation: W ~= Wq * scale, one scale per output
+    row, multiplied by int8mm (int8mm.py: each row of activations on two int8 levels, about 15
+    bits, and integer dot products; Wq stored in the kernel's tiles). The residual stream,
+    norms and attention around it stay in float32. It reads a quarter of float32's bytes, and
+    its result for a row is bit-identical whatever the number of rows in the call, which
+    float32's F.linear does not promise."""
 
     def __init__(self, weight, bias=None):
         super().__init__()
         wq, scale = int8_grid(weight)
-        self.register_buffer("wq", wq)
+        self.in_features = wq.shape[1]
+        self.register_buffer("wp", pack(wq))
         self.register_buffer("scale", scale)
-        self.register_buffer("bias", None if bias is None else bias.detach().float())   # added in float32
+        self.register_buffer("wsum", wq.sum(1, dtype=torch.int32))           # the kernel's correction term
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+
+    @property
+    def wq(self):
+        """The int8 weights (N, K), unpacked."""
+        return unpack(self.wp, len(self.scale), self.in_features)
 
     def forward(self, x):
-        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        if not torch.compiler.is_compiling() and self.BLOCK < len(x2) <= ROW_BY_ROW:
-            # past 4 rows the kernel is up to 2x slower than calls of at most 4 rows on the same
-            # rows (README, int8 and int4); a row's result does not depend on its call, so the
-            # pieces give the same bits. Long calls (the prompt) stay whole, where it is faster;
-            # so do compiled ones (a branch on the row count would compile a graph per range).
-            y = torch.cat([torch.ops.aten._weight_int8pack_mm(part, self.wq, self.scale)
-                           for part in x2.split(self.BLOCK)])
-        else:
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.wq, self.scale)
-        y = y.view(*x.shape[:-1], -1).to(x.dtype)
-        return y if self.bias is None else y + self.bias
+        mm = int8mm_op if torch.compiler.is_compiling() else int8mm
+        return mm(x, self.wp, self.wsum, self.scale, self.bias)
 
     def rows(self, ids):
         """The same layer restricted to output rows `ids` (an exit head's shortlist)."""
-        sub = Int8Linear(torch.zeros(1, self.wq.shape[1]))
-        sub.wq, sub.scale = self.wq[ids].contiguous(), self.scale[ids].contiguous()
+        sub = Int8Linear(torch.zeros(1, self.in_features))
+        sub.wp, sub.scale, sub.wsum = pack(self.wq[ids]), self.scale[ids].contiguous(), self.wsum[ids].contiguous()
         sub.bias = None if self.bias is None else self.bias[ids].contiguous()
         return sub
 
@@ -96,9 +92,10 @@ def rounding_error(weight, bits):
 class Int4Linear(nn.Module):
     """A linear layer with weight-only 4-bit quantisation: every group of 32 inputs of a
     row on its own 16-level grid (int4_grid), packed two to a byte for the CPU kernel:
-    five eighths of int8's bytes with the scales and zeros. The same bfloat16 rounding at
-    the input and float32 around it, and the same guarantee: a row's result is
-    bit-identical whatever the number of rows in the call. Lossy for ordinary weights (about 8% error, int8's is about 1%), lossless
+    five eighths of int8's bytes with the scales and zeros. aten's kernel takes bfloat16
+    activations, so x is rounded to bfloat16 at its input (float32 around it), and gives the
+    same guarantee as int8: a row's result is bit-identical whatever the number of rows in
+    the call. Lossy for ordinary weights (about 8% error, int8's is about 1%), lossless
     up to bfloat16's rounding of the grid for weights that were 4-bit already (the default
     model's: 0.2%). The kernel needs N a multiple of 16 and K of 32."""
 
@@ -212,13 +209,11 @@ def int8_unsupported(model):
     """Why quantize_int8 cannot run this model here (a string), or None when it can."""
     if model.device.type != "cpu":
         return f"runs on the CPU only (this model is on {model.device}); use float32 on a GPU"
-    if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
-        return f"needs torch.ops.aten._weight_int8pack_mm, missing from torch {torch.__version__}"
     if any(isinstance(m, PackedLinear) for m in model.modules()):
         return "quantises a model's float weights; this one is packed (load it with pack=False)"
     widths = sorted({m.in_features for m in model.modules() if isinstance(m, nn.Linear)})
-    if any(k % 64 for k in widths):   # the kernel reads K in blocks; other widths crash it
-        return f"needs every linear layer's input width to be a multiple of 64; this model has {widths}"
+    if widths and widths[-1] > MAX_K:
+        return f"takes linear layers of at most {MAX_K} inputs (int32 sums); this model has {widths[-1]}"
     return None
 
 
@@ -246,13 +241,10 @@ def int4_unsupported(model):
     """Why quantize_int4 cannot run this model here (a string), or None when it can."""
     if model.device.type != "cpu":
         return f"runs on the CPU only (this model is on {model.device}); use float32 on a GPU"
-    for op in ("_weight_int4pack_mm_for_cpu", "_weight_int8pack_mm"):     # the LM head and the checks stay int8
-        if not hasattr(torch.ops.aten, op):
-            return f"needs torch.ops.aten.{op}, missing from torch {torch.__version__}"
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return f"needs torch.ops.aten._weight_int4pack_mm_for_cpu, missing from torch {torch.__version__}"
     if any(isinstance(m, PackedLinear) for m in model.modules()):
         return "quantises a model's float weights; this one is packed (load it with pack=False)"
-    if model.args.dim % 64:
-        return f"needs the model's width to be a multiple of 64 (its int8 LM head); this model's is {model.args.dim}"
     shapes = sorted({(m.out_features, m.in_features) for m in block_linears(model)})
     if any(n % 16 or k % Int4Linear.GROUP for n, k in shapes):
         return f"needs every block's linear layers to have a multiple of 16 outputs and of 32 inputs; this model has {shapes}"

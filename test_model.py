@@ -307,17 +307,20 @@ def test_packed_linear_is_f_linear(out_f, in_f, rows, bias, seed):
     assert_close(linear_rows(packed, ids)(x), ref[..., ids], atol=1e-4, rtol=1e-4, what="shortlist rows")
 
 
-def test_float32_loads_packed_and_int8_never_silently_skips(tmp_path):
+def test_float32_loads_packed_and_int8_never_silently_skips(tmp_path, monkeypatch):
     """load_model packs float32 on the CPU where the timing says so; the CLI's default picks
-    int4 for weights already on a 4-bit grid, int8 for other weights where the widths allow
-    it and float32 elsewhere; quantising a packed model is refused, not a no-op."""
+    int4 for weights already on a 4-bit grid, int8 for other weights where int8 can take them
+    (any width up to quantize.MAX_K inputs) and float32 elsewhere; quantising a packed model
+    is refused, not a no-op."""
+    import quantize
     from adadecode import setup
     from quantize import Int4Linear, Int8Linear, PackedLinear, precision, quantize_int8
-    for dim, four_bit, want in ((32, False, "float32"), (64, False, "int8"), (64, True, "int4")):
+    for dim, four_bit, want in ((32, False, "float32"), (40, False, "int8"), (64, False, "int8"), (64, True, "int4")):
         folder = tmp_path / f"{dim}{'-q4' if four_bit else ''}"
         save_tiny_checkpoint(folder, tiny_config(dim=dim, ffn=2 * dim, n_heads=4, n_kv_heads=2), four_bit=four_bit)
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(prepare_default_model() / name, folder / name)
+        monkeypatch.setattr(quantize, "MAX_K", 63 if dim == 32 else 66_000)    # dim 32: an MLP too wide for int8
         model = setup(str(folder), None, "cpu")[0]
         assert precision(model) == want and in_one_block(model)      # moved once, after the conversion
         kinds = {type(m) for m in model.modules()} & {torch.nn.Linear, PackedLinear, Int8Linear, Int4Linear}

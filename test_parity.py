@@ -305,14 +305,17 @@ def test_quantized_layer_calls_are_batch_invariant(seed, pos, rows, bits):
     assert torch.equal(model.logits(together), model.logits(alone))
 
 
-def test_int8_is_close_to_float32_and_refuses_what_it_cannot_run():
+def test_int8_is_close_to_float32_and_refuses_what_it_cannot_run(monkeypatch):
     model = random_llama(3, dtype=torch.float32, dim=64, ffn=128, n_heads=4, n_kv_heads=2)
     x = torch.randn(5, 64)
     ref = model.layers[0].feed_forward.w13(x)
     q = Int8Linear(model.layers[0].feed_forward.w13.weight)(x)
-    assert (q - ref).norm() / ref.norm() < 0.02      # int8 weights, bfloat16 activations: about 1% error
-    with pytest.raises(InputError, match="multiple of 64"):
-        quantize_int8(random_llama(3, dtype=torch.float32, dim=32))
+    assert (q - ref).norm() / ref.norm() < 0.02      # the int8 weights' rounding: about 1% error
+    assert precision(quantize_int8(random_llama(3, dtype=torch.float32, dim=40, ffn=72))) == "int8"   # any width
+    import quantize
+    monkeypatch.setattr(quantize, "MAX_K", 32)      # past it an int32 sum could overflow
+    with pytest.raises(InputError, match="at most 32 inputs"):
+        quantize_int8(random_llama(3, dtype=torch.float32, dim=64))
     fake = SimpleNamespace(device=torch.device("cuda"))
     with pytest.raises(InputError, match="CPU only"):
         quantize_int8(fake)
@@ -347,8 +350,6 @@ def test_int4_recovers_a_4_bit_grid_and_refuses_what_it_cannot_run():
     assert precision(quantize_int4(model)) == "int4" and isinstance(model.output, Int8Linear)
     with pytest.raises(InputError, match="multiple of 16 outputs"):
         quantize_int4(random_llama(3, dtype=torch.float32, dim=64, ffn=100, n_heads=4, n_kv_heads=2))
-    with pytest.raises(InputError, match="multiple of 64"):
-        quantize_int4(random_llama(3, dtype=torch.float32, dim=32))
     with pytest.raises(InputError, match="CPU only"):
         quantize_int4(SimpleNamespace(device=torch.device("cuda")))
 
