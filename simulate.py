@@ -322,7 +322,7 @@ def main(argv=None):
     ap.add_argument("--raw", action="store_true", help="no chat template")
     ap.add_argument("--n", type=int, default=400, help="prompts (train + held-out) of the default set, as train_heads.py")
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--max-pending", type=int, help="as adadecode.py (default: 3 in int8 and int4, 5 otherwise)")
+    ap.add_argument("--max-pending", type=int, help="as adadecode.py (default: 3 in int4, 5 otherwise)")
     ap.add_argument("--exact", action="store_true", help="compute wrong-branch guesses with the model (slower)")
     ap.add_argument("--dtype", choices=["int4", "int8", "float32"],
                     help="the model's dtype for the traces, the head checks and the cost model (default: as "
