@@ -42,7 +42,7 @@
 
 #define ROWS 8      /* rows of x per pass: AMX's 16-row tile holds 8 rows' two levels */
 
-/* AMX needs the kernel's leave once per process (Linux 5.16+); without it, the VNNI path. */
+/* AMX tiles need Linux's permission, asked once per process (Linux 5.16+); without it, the VNNI path. */
 static int use_amx(void) {
 #ifdef AMX
     static int state = -1;
@@ -121,6 +121,13 @@ static int split_row(const float *x, long K, long Kp, uint8_t *q, float *s) {
 }
 #endif
 
+/* 4 bytes of x as one int32 (memcpy: one load, without breaking C's aliasing rules) */
+static inline int32_t load4(const uint8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
 /* d[2m + l][j] = sum_k q_l[m][k] * w[j][k] for one tile column (16 outputs; wt: its KB tiles)
    and rows rows of q (each 2 * Kp bytes: the two levels). Sums of q + 128 less 128 * wsum. */
 #ifdef AMX
@@ -159,13 +166,13 @@ static void dots(const uint8_t *q, long Kp, const int8_t *wt, const int32_t *wsu
         __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
         for (long kb = 0; kb < Kp / 64; kb++) {
             const int8_t *t = wt + kb * 1024;
-            const int32_t *xs = (const int32_t *)(x + kb * 64);
+            const uint8_t *xs = x + kb * 64;
             _mm_prefetch((const char *)(t + 2048), _MM_HINT_T0);
             for (int i = 0; i < 16; i += 4) {
-                a0 = _mm512_dpbusd_epi32(a0, _mm512_set1_epi32(xs[i]), _mm512_loadu_si512(t + 64 * i));
-                a1 = _mm512_dpbusd_epi32(a1, _mm512_set1_epi32(xs[i + 1]), _mm512_loadu_si512(t + 64 * i + 64));
-                a2 = _mm512_dpbusd_epi32(a2, _mm512_set1_epi32(xs[i + 2]), _mm512_loadu_si512(t + 64 * i + 128));
-                a3 = _mm512_dpbusd_epi32(a3, _mm512_set1_epi32(xs[i + 3]), _mm512_loadu_si512(t + 64 * i + 192));
+                a0 = _mm512_dpbusd_epi32(a0, _mm512_set1_epi32(load4(xs + 4 * i)), _mm512_loadu_si512(t + 64 * i));
+                a1 = _mm512_dpbusd_epi32(a1, _mm512_set1_epi32(load4(xs + 4 * i + 4)), _mm512_loadu_si512(t + 64 * i + 64));
+                a2 = _mm512_dpbusd_epi32(a2, _mm512_set1_epi32(load4(xs + 4 * i + 8)), _mm512_loadu_si512(t + 64 * i + 128));
+                a3 = _mm512_dpbusd_epi32(a3, _mm512_set1_epi32(load4(xs + 4 * i + 12)), _mm512_loadu_si512(t + 64 * i + 192));
             }
         }
         __m512i sum = _mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3));
@@ -176,9 +183,8 @@ static void dots(const uint8_t *q, long Kp, const int8_t *wt, const int32_t *wsu
         __m256i lo = _mm256_setzero_si256(), hi = lo;
         for (long kb = 0; kb < Kp / 64; kb++) {
             const int8_t *t = wt + kb * 1024;
-            const int32_t *xs = (const int32_t *)(x + kb * 64);
             for (int i = 0; i < 16; i++) {
-                __m256i xv = _mm256_set1_epi32(xs[i]), ax = _mm256_sign_epi8(xv, xv);
+                __m256i xv = _mm256_set1_epi32(load4(x + kb * 64 + 4 * i)), ax = _mm256_sign_epi8(xv, xv);
                 __m256i w0 = _mm256_loadu_si256((const __m256i *)(t + 64 * i)), w1 = _mm256_loadu_si256((const __m256i *)(t + 64 * i + 32));
                 lo = _mm256_add_epi32(lo, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w0, xv)), ones));
                 hi = _mm256_add_epi32(hi, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w1, xv)), ones));

@@ -152,3 +152,16 @@ def test_int8_layers_refuse_gradients():
         mm(torch.randn(2, 16, requires_grad=True), wp, wsum, scale)
     with torch.no_grad():
         assert mm(torch.randn(2, 16, requires_grad=True), wp, wsum, scale).shape == (2, 8)
+
+
+@given(seed=st.integers(0, 10**6), n=st.integers(1, 40), k=st.integers(1, 130), rows=st.integers(1, 9))
+def test_a_shortlist_of_outputs_gives_the_full_layers_bits(seed, n, k, rows):
+    """Int8Linear.rows(ids), which the exit heads' shortlist check uses, repacks the chosen
+    output rows: each output's result is the full layer's, bit for bit."""
+    from quantize import Int8Linear
+    g = torch.Generator().manual_seed(seed)
+    layer = Int8Linear(torch.randn(n, k, generator=g), torch.randn(n, generator=g))
+    ids = torch.randperm(n, generator=g)[:max(1, n // 3)]
+    x = torch.randn(1, rows, k, generator=g)
+    assert torch.equal(layer.rows(ids)(x), layer(x)[..., ids])
+    assert torch.equal(layer.wq, int8_grid(torch.randn(n, k, generator=torch.Generator().manual_seed(seed)))[0])
