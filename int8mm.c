@@ -212,12 +212,10 @@ int int8mm(const float *x, const int8_t *wp, const int32_t *wsum, const float *s
     uint8_t *q = aligned_alloc(64, 2 * Mp * Kp);
     float *s = malloc(2 * M * sizeof(float));
     int *finite = malloc(M * sizeof(int));
-    int32_t *wsum16 = calloc(tiles * 16, sizeof(int32_t));   /* padded to whole tiles */
-    if (!q || !s || !finite || !wsum16) {
-        free(q); free(s); free(finite); free(wsum16);
+    if (!q || !s || !finite) {
+        free(q); free(s); free(finite);
         return 1;
     }
-    memcpy(wsum16, wsum, N * sizeof(int32_t));
     for (long m = 0; m < M; m++) finite[m] = split_row(x + m * K, K, Kp, q + 2 * m * Kp, s + 2 * m);
     int amx = use_amx();
     (void)amx;
@@ -226,18 +224,24 @@ int int8mm(const float *x, const int8_t *wp, const int32_t *wsum, const float *s
 #ifdef AMX
         if (amx) tiles_on();
 #endif
-        int32_t d[2 * ROWS][16];
+        int32_t d[2 * ROWS][16], pad[16];
         #pragma omp for schedule(static)
         for (long t = 0; t < tiles; t++) {
             long n0 = t * 16, nn = N - n0 < 16 ? N - n0 : 16;
             const int8_t *wt = wp + t * (Kp / 64) * 1024;
+            const int32_t *ws = wsum + n0;
+            if (nn < 16) {                   /* the last tile of an N not a multiple of 16: sums read as 16 */
+                memset(pad, 0, sizeof pad);
+                memcpy(pad, ws, nn * sizeof(int32_t));
+                ws = pad;
+            }
             for (long m0 = 0; m0 < M; m0 += ROWS) {     /* the tile column stays in L1/L2 from one pass to the next */
                 int rows = M - m0 < ROWS ? (int)(M - m0) : ROWS;
 #ifdef AMX
-                if (amx) dots_amx(q + 2 * m0 * Kp, Kp, wt, wsum16 + n0, rows, d);
+                if (amx) dots_amx(q + 2 * m0 * Kp, Kp, wt, ws, rows, d);
                 else
 #endif
-                dots(q + 2 * m0 * Kp, Kp, wt, wsum16 + n0, rows, d);
+                dots(q + 2 * m0 * Kp, Kp, wt, ws, rows, d);
                 for (int m = 0; m < rows; m++) {
                     double s1 = s[2 * (m0 + m)], s2 = s[2 * (m0 + m) + 1];
                     float *out = y + (m0 + m) * N + n0;
@@ -252,6 +256,6 @@ int int8mm(const float *x, const int8_t *wp, const int32_t *wsum, const float *s
         if (amx) _tile_release();
 #endif
     }
-    free(q); free(s); free(finite); free(wsum16);
+    free(q); free(s); free(finite);
     return 0;
 }
