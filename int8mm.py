@@ -139,11 +139,19 @@ def kernel():
     global _kernel
     if _kernel is None:
         path, why = build()
-        if path is None:
+        if path is not None:
+            try:
+                _kernel = load(path)
+            except OSError:                  # a damaged file in the cache: build it again, once
+                path.unlink(missing_ok=True)
+                path, why = build()
+                try:
+                    _kernel = load(path) if path else None
+                except OSError as e:
+                    why = f"cannot load {path} ({e})"
+        if _kernel is None:
             print(f"note: int8 runs the PyTorch reference of its kernel (exact, slow): {why}", file=sys.stderr)
             _kernel = (None, f"reference: {why}")
-        else:
-            _kernel = load(path)
     return _kernel
 
 

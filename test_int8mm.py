@@ -165,3 +165,18 @@ def test_a_shortlist_of_outputs_gives_the_full_layers_bits(seed, n, k, rows):
     x = torch.randn(1, rows, k, generator=g)
     assert torch.equal(layer.rows(ids)(x), layer(x)[..., ids])
     assert torch.equal(layer.wq, int8_grid(torch.randn(n, k, generator=torch.Generator().manual_seed(seed)))[0])
+
+
+def test_a_damaged_library_in_the_cache_is_built_again(tmp_path, monkeypatch, capsys):
+    """An empty or truncated file where the compiled kernel should be (a full disk, a copy
+    cut short) is not loaded blindly: it is rebuilt, and the kernel runs."""
+    monkeypatch.setenv("ADADECODE_HOME", str(tmp_path))
+    path, why = build()
+    assert path is not None and path.parent == tmp_path / "kernels", why
+    path.write_bytes(path.read_bytes()[:100])
+    monkeypatch.setattr(int8mm, "_kernel", None)
+    fn, what = int8mm.kernel()
+    assert fn is not None and not what.startswith("reference") and capsys.readouterr().err == ""
+    x = torch.randn(3, 70)
+    wq, scale = int8_grid(torch.randn(21, 70))
+    assert torch.equal(mm(x, pack(wq), wq.sum(1, dtype=torch.int32), scale), int8mm_reference(x, wq, scale))
