@@ -11,25 +11,20 @@ batched rows get greedy's bits) and lets a vector kernel add in any order it lik
     int8mm(x, pack(wq), wsum, scale)  the same bits from int8mm.c, with AMX tiles where the CPU has
                                       them: as fast for 8 rows as for one (README, "int8 and int4 on the CPU")
 
-int8mm.c is compiled once per CPU and compiler with the machine's C compiler (`cc`, or $CC)
-into the model cache (ADADECODE_HOME); where none works, int8mm runs the reference (exact,
-slow) and says so once.
+int8mm.c is compiled once per CPU and compiler with the machine's C compiler (cbuild.py);
+where none works, int8mm runs the reference (exact, slow) and says so once.
 """
 import ctypes
-import hashlib
-import os
-import platform
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
+import cbuild
+from cbuild import TRIES
+
 SOURCE = Path(__file__).with_name("int8mm.c")
 MAX_K = 66_000        # past this an int32 sum of K products of at most 255 * 127 could overflow
-FLAGS = ["-O3", "-ffp-contract=off", "-fPIC", "-shared"]
-TRIES = [["-march=native", "-fopenmp"], ["-march=native"], []]   # no OpenMP (macOS's clang), no -march=native
 
 
 def split_levels(x):
@@ -70,54 +65,9 @@ def unpack(wp, N, K):
     return wp.permute(0, 3, 1, 2, 4).reshape(wp.shape[0] * 16, wp.shape[1] * 64)[:N, :K].contiguous()
 
 
-def cache_dir():
-    return Path(os.environ.get("ADADECODE_HOME", Path.home() / ".cache" / "adadecode")) / "kernels"
-
-
-def machine_signature():
-    """What -march=native depends on: the CPU's model name and feature flags (Linux), or
-    whatever the platform says."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return "\n".join(next((l for l in lines if l.startswith(k)), "") for k in ("model name", "flags"))
-    except OSError:
-        return f"{platform.machine()} {platform.processor()}"
-
-
 def build(cc=None, tries=TRIES, folder=None):
-    """Compile int8mm.c into `folder` (default: the cache), once for this source, compiler and
-    CPU: the library's path and the flags that worked, or (None, why) when no try compiles.
-    Written under a temporary name and renamed when complete, so an interrupted build or two
-    builds at once leave nothing half-written."""
-    cc = cc or os.environ.get("CC") or "cc"
-    try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        return None, f"no C compiler ({cc}: {getattr(e, 'strerror', None) or e})"
-    key = hashlib.sha256(SOURCE.read_bytes() + repr((cc, version, FLAGS, tries, machine_signature())).encode())
-    folder = Path(folder or cache_dir())
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        folder = Path(tempfile.mkdtemp(prefix="adadecode-kernels-"))    # an unwritable cache: build for this run
-    lib = folder / f"int8mm-{key.hexdigest()[:16]}.so"
-    if lib.exists():
-        return lib, None
-    errors = []
-    for extra in tries:
-        tmp = lib.with_name(f".{lib.name}.{os.getpid()}.tmp")
-        try:
-            r = subprocess.run([cc, *FLAGS, *extra, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True,
-                               timeout=300)
-            if r.returncode == 0:
-                os.replace(tmp, lib)
-                return lib, None
-            errors.append((r.stderr.strip().splitlines() or ["failed"])[-1])
-        except (OSError, subprocess.SubprocessError) as e:
-            errors.append(str(e))
-        finally:
-            tmp.unlink(missing_ok=True)
-    return None, f"{cc} could not compile {SOURCE.name} ({errors[0]})"
+    """Compile int8mm.c (cbuild.build): the library's path, or (None, why)."""
+    return cbuild.build(SOURCE, cc, tries, folder)
 
 
 def load(path):
@@ -138,17 +88,7 @@ def kernel():
     "amx", "avx512-vnni", "avx2", "c", or why it is the PyTorch reference)."""
     global _kernel
     if _kernel is None:
-        path, why = build()
-        if path is not None:
-            try:
-                _kernel = load(path)
-            except OSError:                  # a damaged file in the cache: build it again, once
-                path.unlink(missing_ok=True)
-                path, why = build()
-                try:
-                    _kernel = load(path) if path else None
-                except OSError as e:
-                    why = f"cannot load {path} ({e})"
+        _kernel, why = cbuild.library(SOURCE, load)
         if _kernel is None:
             print(f"note: int8 runs the PyTorch reference of its kernel (exact, slow): {why}", file=sys.stderr)
             _kernel = (None, f"reference: {why}")

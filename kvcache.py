@@ -27,15 +27,20 @@ class KVCache:
         """Write k, v (B, H_kv, T, D) at positions pos..pos+T-1 of `layer`; return the
         filled (B, H_kv, pos+T, D) views that attention reads."""
         T = k.shape[2]
+        k_all, v_all = self.claim(layer, pos, T)
+        k_all[:, :, pos:pos + T] = k
+        v_all[:, :, pos:pos + T] = v
+        return k_all[:, :, :pos + T], v_all[:, :, :pos + T]
+
+    def claim(self, layer, pos, T):
+        """Extend `layer` by positions pos..pos+T-1, which the caller then writes; return its
+        whole (B, H_kv, max_len, D) buffers (fused.attention writes them in C)."""
         if pos != self.lengths[layer]:
             raise ValueError(f"layer {layer}: writing at position {pos}, but it holds {self.lengths[layer]} entries")
         if pos + T > self.max_len:
             raise ValueError(f"KV cache overflow: layer {layer} needs {pos + T} entries, allocated {self.max_len}")
-        k_all, v_all = self.layer_k[layer], self.layer_v[layer]
-        k_all[:, :, pos:pos + T] = k
-        v_all[:, :, pos:pos + T] = v
         self.lengths[layer] = pos + T
-        return k_all[:, :, :pos + T], v_all[:, :, :pos + T]
+        return self.layer_k[layer], self.layer_v[layer]
 
     def truncate(self, length, layer=None):
         """Forget everything at positions >= length, in one layer or in all of them."""

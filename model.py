@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import fused
 from kvcache import KVCache
 
 
@@ -165,12 +166,21 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if fused.runs(x, self.weight):           # float32 on the CPU: the same step in C, one call
+            return fused.rms_norm(x, self.weight, self.eps)
         # x * rsqrt(mean(x^2) + eps) * weight, fused into one operator (a one-row call on the
         # Intel Xeon: 15 us, against 23 for the same steps written out, with the same bits).
         # bfloat16 is normalised in float32 (it loses too much in the mean of squares)
         if x.element_size() >= 4:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype) * self.weight
+
+    def residual(self, x, y):
+        """The residual add and this norm after it: (x + y, its norm)."""
+        if fused.runs(x, y, self.weight):
+            return fused.add_rms_norm(x, y, self.weight, self.eps)
+        h = x + y
+        return h, self(h)
 
 
 class Attention(nn.Module):
@@ -181,12 +191,12 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(args.dim, (self.H + 2 * self.H_kv) * self.D, bias=args.qkv_bias)
         self.wo = nn.Linear(self.H * self.D, args.dim, bias=False)
 
-    def project(self, x, cos, sin):
-        """q (B, T, H, D), k and v (B, H_kv, T, D) for rows x (B, T, dim), rotary applied
-        (cos and sin: (T, 1, D), from Transformer.new_cache)."""
-        B, T, _ = x.shape
+    def project(self, qkv, cos, sin):
+        """q (B, T, H, D), k and v (B, H_kv, T, D) from the q/k/v projection's output qkv, rotary
+        applied (cos and sin: (T, 1, D), from Transformer.new_cache)."""
+        B, T, _ = qkv.shape
         H, H_kv, D = self.H, self.H_kv, self.D
-        qk, v = self.wqkv(x).split([(H + H_kv) * D, H_kv * D], dim=-1)
+        qk, v = qkv.split([(H + H_kv) * D, H_kv * D], dim=-1)
         qk = qk.view(B, T, H + H_kv, D)
         # rotary on q and k at once. Hugging Face's layout splits each head's dimensions in two
         # halves and rotates (x1, x2) -> (-x2, x1); rolling by D/2 swaps the halves, and the
@@ -195,10 +205,18 @@ class Attention(nn.Module):
         q, k = qk.split([H, H_kv], dim=2)
         return q, k.transpose(1, 2), v.view(B, T, H_kv, D).transpose(1, 2)
 
-    def attend(self, q, k, v, pos, cache, layer):
-        """Write k, v at positions pos.. of `layer`'s cache and attend: (B, T, H*D)."""
-        B, T, H, D = q.shape
-        H_kv = self.H_kv
+    def attend(self, qkv, pos, cache, layer, cos, sin):
+        """Rows qkv (B, T, (H + 2*H_kv)*D), the q/k/v projection's output, at positions pos..:
+        rotary, k and v written into `layer`'s cache, attention: (B, T, H*D)."""
+        B, T, _ = qkv.shape
+        decoding = T <= ROW_BY_ROW or pos > 0
+        if decoding and B == 1 and fused.runs(qkv, cos, sin, cache.k):
+            # float32 on the CPU: the steps below in C, one call (the same rotary and cache
+            # write; each row's attention computed alone, as below)
+            k_all, v_all = cache.claim(layer, pos, T)
+            return fused.attention(qkv, cos, sin, k_all, v_all, pos, self.H, self.H_kv)
+        q, k, v = self.project(qkv, cos, sin)
+        H, D, H_kv = self.H, self.D, self.H_kv
         k, v = cache.append(layer, pos, k, v)         # (B, H_kv, S, D), S = pos + T
         # grouped-query attention without repeating KV heads: query head h reads KV head
         # h // G, so fold each group's G query heads into one KV head's rows
@@ -208,7 +226,7 @@ class Attention(nn.Module):
             # and the slicing (the same kernel on the same tensors: the same bits; 2% of a
             # layer call on the CPU)
             return F.scaled_dot_product_attention(q.view(B, H_kv, G, D), k, v).reshape(B, 1, H * D)
-        if T <= ROW_BY_ROW or pos > 0:
+        if decoding:
             # decoding (every call after the prompt, however many rows it has) and short
             # prompts: each row attends exactly as a one-row call would (the same kernel, on
             # the same keys, with the same strides), so a row's result never depends on which
@@ -233,7 +251,10 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=False)
 
     def forward(self, x):
-        gate, up = self.w13(x).split(self.ffn_dim, dim=-1)
+        gate_up = self.w13(x)
+        if fused.runs(gate_up):                   # float32 on the CPU: the line below in C
+            return self.w2(fused.silu_mul(gate_up))
+        gate, up = gate_up.split(self.ffn_dim, dim=-1)
         return self.w2(F.silu(gate) * up)
 
 
@@ -246,17 +267,17 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x, pos, cache, layer, cos, sin):
-        q, k, v = self.before_attention(x, cos, sin)
-        y = self.attention.attend(q, k, v, pos, cache, layer)     # the cache's bookkeeping: plain Python
+        qkv = self.before_attention(x)
+        y = self.attention.attend(qkv, pos, cache, layer, cos, sin)     # the cache's bookkeeping: plain Python
         return self.after_attention(x, y)
 
     # the two pure tensor parts of a block: what Transformer.compile_blocks compiles
-    def before_attention(self, x, cos, sin):
-        return self.attention.project(self.attention_norm(x), cos, sin)
+    def before_attention(self, x):
+        return self.attention.wqkv(self.attention_norm(x))
 
     def after_attention(self, x, y):
-        h = x + self.attention.wo(y)
-        return h + self.feed_forward(self.ffn_norm(h))
+        h, h_normed = self.ffn_norm.residual(x, self.attention.wo(y))    # h = x + wo(y), and its norm
+        return h + self.feed_forward(h_normed)
 
 
 class Transformer(nn.Module):
@@ -282,9 +303,8 @@ class Transformer(nn.Module):
         return self.norm.weight.dtype
 
     def compile_blocks(self, **options):
-        """torch.compile every block's two pure tensor parts (norm, q/k/v, rotary; o, the
-        residuals, the MLP). The cache's bookkeeping and the row-by-row attention stay in
-        Python, so two graphs per part (one row; several, dynamic) serve every layer, and
+        """torch.compile every block's two pure tensor parts (norm and q/k/v; o, the residuals,
+        the MLP). Rotary, the cache's bookkeeping and the row-by-row attention stay in Python, so two graphs per part (one row; several, dynamic) serve every layer, and
         after a warm-up decoding recompiles nothing (test_model.py counts). Packed float32
         layers go back to nn.Linear first: Inductor plans its own matmuls."""
         from quantize import PackedLinear       # here, not at the top: quantize.py builds on this file

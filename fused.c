@@ -1,0 +1,219 @@
+/*
+ * A layer's small steps for float32 on the CPU, each in one call: RMSNorm (alone, and with the
+ * residual add before it), decoding attention (the rotary step, the cache write, each row's
+ * attention), and SwiGLU's silu(gate) * up. model.py holds each step's definition in PyTorch
+ * and calls these instead where they run (fused.py: float32 on the CPU, eager, no gradients).
+ *
+ * Why: in eager PyTorch every step is a few operator calls at 3-10 us each on a laptop-class
+ * CPU, which adds up to more than the matrices' own time for int8 and int4 (README, "The
+ * layer's small steps in C"). Here a step is one call and its loops are vectorised by the
+ * compiler.
+ *
+ * Every function computes each row (and each head of a row) alone, in a fixed order, so a
+ * row's result never depends on how many rows share the call: the batch invariance that
+ * AdaDecode's bitwise guarantee in int8 rests on. Built with -ffp-contract=off: the rotary
+ * step then gives PyTorch's bits exactly (two products, one sum, each rounded), as does the
+ * residual add, and no result depends on whether the compiler chose to fuse a multiply-add.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LANES 16    /* partial sums kept side by side: one AVX-512 register, two AVX2 ones */
+
+/* exp(x) in float, written so the compiler can vectorise a loop of it (libm's expf is a call per
+ * element): x = n*ln2 + r with |r| <= ln2/2, exp(r) by Cephes' expf polynomial, times 2^n as
+ * two powers of two built in the exponent bits (so neither overflows on its own). About one ulp
+ * from exp; inf past 88.73, 0 or a subnormal far below; NaN for NaN. */
+static inline float exp_f(float x) {
+    float xc = x < -104.0f ? -104.0f : x > 89.0f ? 89.0f : x;
+    float n = rintf(xc * 1.44269504088896341f);
+    float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    int32_t n1 = (int32_t)n / 2, n2 = (int32_t)n - n1;
+    int32_t b1 = (n1 + 127) << 23, b2 = (n2 + 127) << 23;
+    float f1, f2;
+    memcpy(&f1, &b1, sizeof f1);
+    memcpy(&f2, &b2, sizeof f2);
+    return x != x ? x : p * f1 * f2;
+}
+
+/* LANES floats as one value: one AVX-512 register, two AVX2 ones, four SSE ones (GCC's and
+ * clang's vector extension; the compiler splits it to what the CPU has) */
+typedef float lanes __attribute__((vector_size(LANES * sizeof(float))));
+typedef float half_lanes __attribute__((vector_size(LANES / 2 * sizeof(float))));
+typedef float quarter_lanes __attribute__((vector_size(LANES / 4 * sizeof(float))));
+
+/* the LANES partial sums added pairwise, halves onto halves: a fixed order, in a few vector adds */
+static inline float lanes_sum(lanes acc) {
+    half_lanes h[2];
+    quarter_lanes q[2];
+    memcpy(h, &acc, sizeof h);
+    h[0] += h[1];
+    memcpy(q, &h[0], sizeof q);
+    q[0] += q[1];
+    return (q[0][0] + q[0][2]) + (q[0][1] + q[0][3]);
+}
+
+static inline lanes load(const float *p) {
+    lanes v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* sum of a[i] * b[i] in LANES interleaved partial sums, then the lanes (lanes_sum), then the tail */
+static inline float dot(const float *a, const float *b, long n) {
+    lanes acc = {0};
+    long i = 0;
+    for (; i + LANES <= n; i += LANES)
+        acc += load(a + i) * load(b + i);
+    float s = lanes_sum(acc);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* dot(a, b[r * n ..]) for the 4 rows r of b, side by side (4 independent chains for the CPU to
+ * overlap), each in dot's order: the same bits as 4 calls of dot */
+static inline void dot4(const float *a, const float *b, long n, float *out) {
+    lanes acc[4] = {{0}};
+    long i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        lanes ai = load(a + i);
+        for (int r = 0; r < 4; r++) acc[r] += ai * load(b + r * n + i);
+    }
+    for (int r = 0; r < 4; r++) {
+        float s = lanes_sum(acc[r]);
+        for (long t = i; t < n; t++) s += a[t] * b[r * n + t];
+        out[r] = s;
+    }
+}
+
+/* sum of x[i] in the same order as dot's */
+static inline float sum(const float *x, long n) {
+    lanes acc = {0};
+    long i = 0;
+    for (; i + LANES <= n; i += LANES)
+        acc += load(x + i);
+    float s = lanes_sum(acc);
+    for (; i < n; i++) s += x[i];
+    return s;
+}
+
+/* out = x * rsqrt(mean(x^2) + eps) * w for one row of N. The mean of squares is summed in
+ * double (more exact than PyTorch's float sums), the rest in float as PyTorch orders it. */
+static void norm_row(const float *x, const float *w, double eps, float *out, long N) {
+    double acc[LANES / 2] = {0}, ss = 0;
+    long i = 0;
+    for (; i + LANES / 2 <= N; i += LANES / 2)
+        for (int l = 0; l < LANES / 2; l++) acc[l] += (double)x[i + l] * x[i + l];
+    for (int l = 0; l < LANES / 2; l++) ss += acc[l];
+    for (; i < N; i++) ss += (double)x[i] * x[i];
+    float r = (float)(1.0 / sqrt(ss / N + eps));
+    for (i = 0; i < N; i++) out[i] = x[i] * r * w[i];
+}
+
+/* RMSNorm, M rows of N */
+void rms_norm(const float *x, const float *w, double eps, float *out, long M, long N) {
+    for (long m = 0; m < M; m++)
+        norm_row(x + m * N, w, eps, out + m * N, N);
+}
+
+/* The residual add and the norm after it: h = x + y, out = RMSNorm(h), M rows of N */
+void add_rms_norm(const float *x, const float *y, const float *w, double eps, float *h, float *out, long M, long N) {
+    for (long m = 0; m < M; m++) {
+        for (long i = 0; i < N; i++) h[m * N + i] = x[m * N + i] + y[m * N + i];
+        norm_row(h + m * N, w, eps, out + m * N, N);
+    }
+}
+
+/* Decoding attention for T rows at positions pos..pos+T-1, each row alone (no mask: row t reads
+ * keys 0..pos+t), from the q/k/v projection's output qkv (T rows `stride` floats apart, each
+ * [q: H heads, k: H_kv heads, v: H_kv heads] of D). First, row by row, the rotary step on q and
+ * k (x * cos + roll(x, D/2) * sin; `sin` carries the half-rotation's sign: model.py,
+ * Transformer.new_cache), k and v written into the layer's cache k, v (H_kv, S, D), heads
+ * kv_stride floats apart, at positions pos+t, q into `out` (T, H, D). Then every (row, head)
+ * alone: softmax(q.k * scale) . v over the row's keys, query head h reading KV head
+ * h / (H / H_kv); the scores, their maximum, exp, their sum, the values weighted and summed
+ * key by key, one division at the end; over `out`'s q. */
+void attention(const float *qkv, long stride, const float *cos, const float *sin, float *k, float *v,
+               long kv_stride, float *out, long T, long H, long H_kv, long D, long pos, float scale) {
+    long half = D / 2, G = H / H_kv;
+    for (long t = 0; t < T; t++) {
+        const float *row = qkv + t * stride, *c = cos + t * D, *s = sin + t * D;
+        for (long h = 0; h < H + H_kv; h++) {
+            const float *x = row + h * D;
+            float *dst = h < H ? out + (t * H + h) * D : k + (h - H) * kv_stride + (pos + t) * D;
+            for (long i = 0; i < half; i++) dst[i] = x[i] * c[i] + x[i + half] * s[i];
+            for (long i = half; i < D; i++) dst[i] = x[i] * c[i] + x[i - half] * s[i];
+        }
+        for (long h = 0; h < H_kv; h++)
+            memcpy(v + h * kv_stride + (pos + t) * D, row + (H + H_kv + h) * D, D * sizeof(float));
+    }
+    /* two threads pay off from a few hundred keys on (an OpenMP region costs a few us) */
+    #pragma omp parallel for schedule(static) if (T * H * (pos + T) * D > 50000)
+    for (long th = 0; th < T * H; th++) {
+        long t = th / H, h = th % H, n = pos + t + 1;
+        const float *K = k + (h / G) * kv_stride, *V = v + (h / G) * kv_stride;
+        float *o = out + th * D, *q = malloc((n + D) * sizeof(float)), *p = q + D, mx = -INFINITY;
+        if (!q) {                                   /* no memory: a NaN row, not a crash */
+            for (long d = 0; d < D; d++) o[d] = NAN;
+            continue;
+        }
+        memcpy(q, o, D * sizeof(float));
+        long j = 0;
+        for (; j + 4 <= n; j += 4)
+            dot4(q, K + j * D, D, p + j);
+        for (; j < n; j++)
+            p[j] = dot(q, K + j * D, D);
+        float m4[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};    /* 4 chains: a maximum is exact in any order */
+        for (j = 0; j < n; j++) {
+            p[j] *= scale;
+            m4[j % 4] = p[j] > m4[j % 4] ? p[j] : m4[j % 4];
+        }
+        for (int r = 0; r < 4; r++) mx = m4[r] > mx ? m4[r] : mx;
+        if (mx != mx || mx == INFINITY || mx == -INFINITY) mx = 0;    /* NaN or inf scores propagate below */
+        for (long j = 0; j < n; j++) p[j] = exp_f(p[j] - mx);
+        float total = sum(p, n);
+        /* the values weighted and summed key by key, in order; 4 * LANES outputs at a time in
+         * registers (4 chains of additions for the CPU to overlap), then LANES, then one */
+        long d = 0;
+        for (; d + 4 * LANES <= D; d += 4 * LANES) {
+            lanes acc[4] = {{0}};
+            for (long j = 0; j < n; j++)
+                for (int c = 0; c < 4; c++) acc[c] += p[j] * load(V + j * D + d + c * LANES);
+            for (int c = 0; c < 4; c++) {
+                lanes y = acc[c] / total;
+                memcpy(o + d + c * LANES, &y, sizeof y);
+            }
+        }
+        for (; d + LANES <= D; d += LANES) {
+            lanes acc = {0};
+            for (long j = 0; j < n; j++)
+                acc += p[j] * load(V + j * D + d);
+            acc /= total;
+            memcpy(o + d, &acc, sizeof acc);
+        }
+        for (; d < D; d++) {
+            float acc = 0;
+            for (long j = 0; j < n; j++)
+                acc += p[j] * V[j * D + d];
+            o[d] = acc / total;
+        }
+        free(q);
+    }
+}
+
+/* SwiGLU's middle: out = silu(gate) * up = gate / (1 + exp(-gate)) * up, for M rows of
+ * [gate (F), up (F)] (the fused gate/up projection's output). */
+void silu_mul(const float *gu, float *out, long M, long F) {
+    for (long m = 0; m < M; m++, gu += 2 * F, out += F)
+        for (long f = 0; f < F; f++)
+            out[f] = gu[f] / (1.0f + exp_f(-gu[f])) * gu[F + f];
+}

@@ -1,0 +1,208 @@
+"""fused.c, a layer's small steps in C for float32 on the CPU, against their PyTorch
+definitions in model.py: the rotary step, the cache write and the residual add bit for bit,
+the norms, attention and silu within a few units in the last place (and closer to float64
+than bfloat16 could be); every row computed alone (a row's bits do not depend on its call);
+NaN and inf rows stay NaN; where fused.c cannot be built, the PyTorch steps run and one line
+says so.
+
+    pytest -q test_fused.py
+"""
+import subprocess
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, strategies as st
+
+import cbuild
+import fused
+from conftest import assert_close, random_llama
+from kvcache import KVCache
+from model import Attention, ModelArgs, RMSNorm
+
+
+def data(g, *shape, scale=1.0):
+    return torch.randn(*shape, generator=g) * scale
+
+
+def twice(fn):
+    """fn() with fused.c, and with the PyTorch definitions."""
+    with torch.inference_mode():
+        got = fn()
+        with fused.off():
+            want = fn()
+    return got, want
+
+
+@given(n=st.integers(1, 1100), rows=st.integers(1, 9), scale=st.sampled_from([1e-6, 1e-2, 1.0, 30.0, 1e4]),
+       seed=st.integers(0, 10**6))
+def test_norms_and_the_residual_add(n, rows, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    norm = RMSNorm(n, 1e-5).requires_grad_(False)
+    norm.weight.copy_(1 + 0.3 * data(g, n))
+    x, y = data(g, 1, rows, n, scale=scale), data(g, 1, rows, n, scale=scale)
+    x[..., 0] *= 50                                                      # an outlier feature
+    (got, (h, hn)), (want, (wh, whn)) = twice(lambda: (norm(x), norm.residual(x, y)))
+    assert torch.equal(h, wh) and torch.equal(h, x + y)                 # the add: PyTorch's bits
+    exact = lambda v: v.double() * torch.rsqrt(v.double().pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight.double()
+    for ours, theirs, v in ((got, want, x), (hn, whn, h)):
+        assert_close(ours, theirs, atol=0, rtol=4e-7, what="RMSNorm in C against PyTorch")
+        assert_close(ours, exact(v), atol=0, rtol=3e-7, what="RMSNorm in C against float64")
+
+
+def attention_layer(H_kv, G, D, seed):
+    args = ModelArgs(dim=8, n_layers=1, n_heads=H_kv * G, n_kv_heads=H_kv, vocab_size=8, ffn_dim=8, head_dim=D)
+    return Attention(args).requires_grad_(False)
+
+
+def rotary_table(g, n, D):
+    """cos and sin rows (n, 1, D) as Transformer.new_cache lays them out (sin's first half negated)."""
+    angle = data(g, n, 1, D // 2, scale=3.0).repeat(1, 1, 2)
+    half = torch.cat([-torch.ones(D // 2), torch.ones(D // 2)])
+    return angle.cos().contiguous(), (angle.sin() * half).contiguous()
+
+
+@given(H_kv=st.integers(1, 3), G=st.integers(1, 3), D=st.sampled_from([2, 6, 8, 16, 24, 64, 80, 128]),
+       pos=st.integers(0, 300), T=st.integers(1, 7), scale=st.sampled_from([0.1, 1.0, 4.0]), seed=st.integers(0, 10**6))
+def test_decoding_attention(H_kv, G, D, pos, T, scale, seed):
+    """Attention.attend on T decoding rows after `pos` cached ones: the cache afterwards
+    holds PyTorch's rotated keys and values bit for bit, and each row's output is within
+    float64 about as closely as scaled_dot_product_attention's (peaked scores amplify
+    float32's rounding of them in both)."""
+    g = torch.Generator().manual_seed(seed)
+    att = attention_layer(H_kv, G, D, seed)
+    H = H_kv * G
+    qkv = data(g, 1, pos + T, (H + 2 * H_kv) * D, scale=scale)
+    cos, sin = rotary_table(g, pos + T, D)
+    caches = []
+
+    def run():
+        cache = KVCache(1, H_kv, D, pos + T + 2)
+        with fused.off():                                    # the same cached prefix for both
+            if pos:
+                att.attend(qkv[:, :pos], 0, cache, 0, cos[:pos], sin[:pos])
+        caches.append(cache)
+        return att.attend(qkv[:, pos:], pos, cache, 0, cos[pos:], sin[pos:])
+
+    got, want = twice(run)
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+    assert caches[0].lengths == caches[1].lengths == [pos + T]
+    # float64 on the same cached keys and values
+    q = att.project(qkv[:, pos:].double(), cos[pos:].double(), sin[pos:].double())[0]
+    k, v = caches[1].view(0)
+    exact = torch.cat([F.scaled_dot_product_attention(q[:, t].reshape(1, H_kv, G, D), k[:, :, :pos + t + 1].double(),
+                                                      v[:, :, :pos + t + 1].double()).reshape(1, 1, H * D)
+                       for t in range(T)], 1)
+    ours, theirs = (got.double() - exact).abs().max().item(), (want.double() - exact).abs().max().item()
+    assert ours <= max(3 * theirs, 1e-6 * exact.abs().max().item() + 1e-7), \
+        f"attention in C is {ours:.2e} from float64, PyTorch's kernel {theirs:.2e}"
+
+
+@given(rows=st.integers(2, 9), pos=st.integers(0, 200), seed=st.integers(0, 10**6))
+def test_each_row_is_computed_alone(rows, pos, seed):
+    """A row's bits do not depend on the other rows in its call: one call on `rows` decoding
+    rows equals `rows` one-row calls, for attention, the norm with its residual add, and silu."""
+    g = torch.Generator().manual_seed(seed)
+    H_kv, G, D = 2, 3, 16
+    att = attention_layer(H_kv, G, D, seed)
+    qkv = data(g, 1, pos + rows, (H_kv * G + 2 * H_kv) * D)
+    cos, sin = rotary_table(g, pos + rows, D)
+    norm = RMSNorm(40, 1e-5).requires_grad_(False)
+    x, y, gu = data(g, 1, rows, 40), data(g, 1, rows, 40), data(g, 1, rows, 22, scale=8.0)
+    with torch.inference_mode():
+        assert fused.runs(qkv, x, gu)
+        a, b = KVCache(1, H_kv, D, pos + rows), KVCache(1, H_kv, D, pos + rows)
+        for cache in (a, b):
+            att.attend(qkv[:, :pos], 0, cache, 0, cos[:pos], sin[:pos]) if pos else None
+        together = att.attend(qkv[:, pos:], pos, a, 0, cos[pos:], sin[pos:])
+        alone = torch.cat([att.attend(qkv[:, pos + t:pos + t + 1], pos + t, b, 0, cos[pos + t:pos + t + 1],
+                                      sin[pos + t:pos + t + 1]) for t in range(rows)], 1)
+        assert torch.equal(together, alone) and torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
+        for t in range(rows):
+            one = slice(t, t + 1)
+            assert torch.equal(norm.residual(x, y)[1][:, one], norm.residual(x[:, one], y[:, one])[1])
+            assert torch.equal(fused.silu_mul(gu)[:, one], fused.silu_mul(gu[:, one].contiguous()))
+
+
+def test_silu_and_its_exp_over_the_whole_float_range():
+    """silu(gate) * up in C against float64 from -200 to 200, and at 0, +-inf and NaN (as
+    PyTorch's silu: inf, NaN, NaN): within
+    3 ulp wherever exp(-gate) is a float (gate > -88.7); below, a result under 1e-36, as
+    PyTorch's silu gives (-0 from -89.4 on)."""
+    gate = torch.cat([torch.linspace(-200, 200, 200_001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 88.7, -88.7,
+                                                                      float("inf"), -float("inf"), float("nan")])])
+    gate_up = torch.cat([gate, torch.ones_like(gate)])[None]
+    with torch.inference_mode():
+        got = fused.silu_mul(gate_up)[0]
+    exact = gate.double() * torch.sigmoid(gate.double())
+    normal = exact.isfinite() & (gate > -88.7)
+    ulp = (exact[normal].float().nextafter(torch.tensor(float("inf"))) - exact[normal].float()).abs().double()
+    assert ((got[normal].double() - exact[normal]).abs() <= 3 * ulp).all()      # PyTorch's silu: 2.1 at most
+    assert (got[(gate <= -88.7) & gate.isfinite()].abs() < 1e-36).all()
+    assert got[-3] == float("inf") and got[-2].isnan() and got[-1].isnan()       # inf, and as PyTorch's: -inf * 0, NaN
+
+
+def test_nan_and_inf_rows_stay_not_finite():
+    """A NaN or inf in a row gives a NaN (or inf) row, as PyTorch's steps do, and leaves the
+    other rows alone."""
+    norm = RMSNorm(16, 1e-5).requires_grad_(False)
+    x = torch.randn(1, 3, 16)
+    x[0, 1, 3] = float("nan")
+    with torch.inference_mode():
+        out = norm(x)
+    assert out[0, 1].isnan().all() and out[0, [0, 2]].isfinite().all()
+    att = attention_layer(1, 2, 8, 0)
+    g = torch.Generator().manual_seed(0)
+    qkv = data(g, 1, 3, 32)
+    qkv[0, 1, 0] = float("inf")                          # a query of row 1
+    cos, sin = rotary_table(g, 3, 8)
+    with torch.inference_mode():
+        y = att.attend(qkv, 0, KVCache(1, 1, 8, 3), 0, cos, sin)
+    assert y[0, 0].isfinite().all() and not y[0, 1].isfinite().all()
+
+
+def test_where_it_does_not_run():
+    """fused.c computes float32 CPU tensors in eager mode only: not float64 or bfloat16, not
+    a tensor that records gradients, not a strided view, not inside fused.off()."""
+    x = torch.randn(2, 8)
+    with torch.inference_mode():
+        assert fused.runs(x)
+        assert not fused.runs(x.double()) and not fused.runs(x.bfloat16()) and not fused.runs(x.t())
+        with fused.off():
+            assert not fused.runs(x)
+        assert fused.runs(x)
+    assert not fused.runs(torch.randn(2, 8, requires_grad=True))
+
+
+def test_a_model_forward_with_and_without_fused_c():
+    """A tiny random Llama in float32: the logits of a prompt and of decoding steps (one row,
+    and a several-row call) agree with the PyTorch steps' to float32 rounding."""
+    model = random_llama(5, dtype=torch.float32, n_heads=6, n_kv_heads=2, dim=48)
+    tokens = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(1))
+
+    def decode():
+        cache = model.new_cache(40)
+        out = [model.logits(model.run_layers(model.embed(tokens[:, :12]), 0, cache))]
+        for p, rows in ((12, 1), (13, 4), (17, 1), (18, 12)):
+            out.append(model.logits(model.run_layers(model.embed(tokens[:, p:p + rows]), p, cache)))
+        return torch.cat(out, 1)
+
+    got, want = twice(decode)
+    assert_close(got, want, atol=1e-4, rtol=1e-4, what="logits with fused.c against PyTorch's steps")
+
+
+def test_without_a_compiler_the_pytorch_steps_run_and_say_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CC", str(tmp_path / "no-cc"))
+    monkeypatch.setattr(fused, "_lib", None)
+    x = torch.randn(1, 2, 8)
+    with torch.inference_mode():
+        assert not fused.runs(x)
+        assert not fused.runs(x)                                        # asked again: said once
+        assert "a layer's small steps run in PyTorch" in capsys.readouterr().err
+        norm = RMSNorm(8, 1e-5)
+        assert torch.equal(norm(x), F.rms_norm(x, (8,), norm.weight, 1e-5))
+    real_run = subprocess.run
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: real_run(["false"], **kw) if "--version" not in cmd
+                        else real_run(cmd, **kw))
+    monkeypatch.delenv("CC")
+    assert cbuild.build(fused.SOURCE, folder=tmp_path)[0] is None         # a compiler that fails
