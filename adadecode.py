@@ -27,7 +27,7 @@ from checkpoint import Tokenizer, check_model_name, eos_ids, in_huge_pages, load
 from cli import check_device, default_device, read_prompts
 from exits import CONTEXT, Threshold, context_guess, from_spec, in_context, lookup
 from model import InputError
-from quantize import (int4_is_lossless, int4_unsupported, int8_unsupported, pack_float32, pack_unsupported, precision,
+from quantize import (int4_unsupported, int8_unsupported, pack_float32, pack_unsupported, precision,
                       quantize_int4, quantize_int8)
 
 # the shipped heads, found next to this file whatever the working directory
@@ -318,20 +318,17 @@ class _OneHead:
 
 def setup(model_dir, heads_path, device, dtype=None):
     """Load model, tokenizer and (when a path is given) heads; the default model is prepared
-    on first use. dtype None, on the CPU where the model allows it: int4 for a model whose
-    weights are 4-bit already (int4 loses no more than int8 would: the default model,
-    converted from a 4-bit GGUF file), else int8; both about twice or three times float32's
-    speed, and AdaDecode bit for bit their greedy (README, 'int8 and int4 on the CPU').
-    Otherwise float32, packed for oneDNN on a CPU where that is faster (quantize.pack_float32).
+    on first use. dtype None, on the CPU where the model allows it: int8 (about 2.5 times
+    float32's speed, AdaDecode bit for bit its greedy, and since fused.c faster than int4 for
+    both: README, 'int8 and int4 on the CPU'). Otherwise float32, packed for oneDNN on a CPU
+    where that is faster (quantize.pack_float32).
     On the CPU the weights end in huge pages (checkpoint.in_huge_pages), moved once, after any conversion."""
     check_device(device)
     folder = model_dir or prepare_default_model()
     model = load_model(folder, dtype=dtype or torch.float32, device=device, pack="faster" if dtype is not None else False,
                        huge_pages=dtype is not None)
     if dtype is None:
-        if not int4_unsupported(model) and int4_is_lossless(model):
-            quantize_int4(model)
-        elif not int8_unsupported(model):
+        if not int8_unsupported(model):
             quantize_int8(model)
         elif not pack_unsupported(model):
             pack_float32(model)
@@ -407,9 +404,9 @@ def main(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--device", default=default_device(), help="cuda when available, else cpu")
     ap.add_argument("--dtype", choices=DTYPES,
-                    help="default on the CPU: int4 for a model already stored in 4 bits (the default model), else "
-                         "int8 (weight-only quantised linear layers; AdaDecode bit for bit their greedy); float32 on "
-                         "a GPU; float32 gives the checkpoint's own numbers (README, 'int8 and int4')")
+                    help="default on the CPU: int8 (weight-only quantised linear layers; AdaDecode bit for bit "
+                         "their greedy); float32 on a GPU; float32 gives the checkpoint's own numbers, int4 the "
+                         "default model's own 4-bit weights (README, 'int8 and int4')")
     ap.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     ap.add_argument("--stream", action="store_true", help="print verified text as it is confirmed")
     a = ap.parse_args(argv)

@@ -149,8 +149,7 @@ def parse_args(argv):
     ap.add_argument("--max-pending", type=int, help="as adadecode.py (default: 3 in int4, 5 otherwise)")
     ap.add_argument("--device", default=default_device(), help="cuda when available, else cpu")
     ap.add_argument("--dtype", choices=DTYPES, nargs="+",
-                    help="default: int4 on the CPU for a model stored in 4 bits (the default model), else int8; "
-                         "float32 on a GPU (README, 'int8 and int4'). Several (--dtype float32 int8 int4): each runs "
+                    help="default: int8 on the CPU, float32 on a GPU (README, 'int8 and int4'). Several (--dtype float32 int8 int4): each runs "
                          "every method, interleaved, against its own greedy")
     ap.add_argument("--row-cost", action="store_true",
                     help="only measure the row-cost curve (1-8 rows per layer call, all layers) for this dtype and "
@@ -204,8 +203,8 @@ def check_args(a):
 
 
 def asked_dtypes(a):
-    """--dtype's values, once each; None for the default: int4 or int8 on the CPU where the
-    model allows it, else float32 (with --compare-hf: float32)."""
+    """--dtype's values, once each; None for the default: int8 on the CPU where the model
+    allows it, else float32 (with --compare-hf: float32)."""
     return list(dict.fromkeys(a.dtype or (["float32"] if a.compare_hf else [None])))
 
 
@@ -221,7 +220,7 @@ def load(a, methods, thresholds, heads_path):
             model.compile_blocks()
         from record import Recorder
         engines[precision(model)] = (model, heads, Recorder(model, heads) if heads is not None else None)
-    # at most this many unverified early tokens, per dtype (int8 and int4: 3, their kernels' 4-row pass)
+    # at most this many unverified early tokens, per dtype (adadecode.default_max_pending)
     pending = {dt: default_max_pending(m) if a.max_pending is None else a.max_pending for dt, (m, _, _) in engines.items()}
     runs = [(dt, m, t) for dt in engines for m, t in [("greedy", None)] +
             [(m, t) for m in methods if m == "ada" for t in thresholds] + [(m, None) for m in methods if m == "selfspec"]]

@@ -326,7 +326,7 @@ def main(argv=None):
     ap.add_argument("--exact", action="store_true", help="compute wrong-branch guesses with the model (slower)")
     ap.add_argument("--dtype", choices=["int4", "int8", "float32"],
                     help="the model's dtype for the traces, the head checks and the cost model (default: as "
-                         "adadecode.py and bench.py: int4 or int8 on the CPU, float32 on a GPU)")
+                         "adadecode.py and bench.py: int8 on the CPU, float32 on a GPU)")
     ap.add_argument("--device", help="where to record traces and measure the cost model: cuda when available, else cpu")
     ap.add_argument("--objective", choices=["ideal", "predicted"], default="ideal",
                     help="what --fit maximises: the ideal-hardware speedup, or the speedup predicted on this machine "

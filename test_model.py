@@ -226,12 +226,11 @@ def test_cli_errors_exit_nonzero(tmp_path, capsys):
 
 
 def test_cli_json_greedy(real, capsys):
-    """The CLI decodes in float32 or int8 when asked, and by default in int4 on the CPU (the
-    default model's weights are 4-bit already)."""
+    """The CLI decodes in float32 or int4 when asked, and by default in int8 on the CPU."""
     folder, model, tok, eos = real
     int8, int4 = load_model(folder, dtype=torch.int8), load_model(folder, dtype=torch.int4)
-    for flags, m, want in ((["--dtype", "float32"], model, "float32"), (["--dtype", "int8"], int8, "int8"),
-                           ([], int4, "int4")):
+    for flags, m, want in ((["--dtype", "float32"], model, "float32"), (["--dtype", "int4"], int4, "int4"),
+                           ([], int8, "int8")):
         assert main(["--prompt", "What is 2+2?", "--max-new-tokens", "8", "--json", "--device", "cpu", *flags]) == 0
         row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert row["dtype"] == want
@@ -312,13 +311,13 @@ def test_packed_linear_is_f_linear(out_f, in_f, rows, bias, seed):
 
 def test_float32_loads_packed_and_int8_never_silently_skips(tmp_path, monkeypatch):
     """load_model packs float32 on the CPU where the timing says so; the CLI's default picks
-    int4 for weights already on a 4-bit grid, int8 for other weights where int8 can take them
-    (any width up to quantize.MAX_K inputs) and float32 elsewhere; quantising a packed model
-    is refused, not a no-op."""
+    int8 where int8 can take the weights (any width up to quantize.MAX_K inputs; weights on a
+    4-bit grid too: int4 only when asked) and float32 elsewhere; quantising a packed model is
+    refused, not a no-op."""
     import quantize
     from adadecode import setup
     from quantize import Int4Linear, Int8Linear, PackedLinear, precision, quantize_int8
-    for dim, four_bit, want in ((32, False, "float32"), (40, False, "int8"), (64, False, "int8"), (64, True, "int4")):
+    for dim, four_bit, want in ((32, False, "float32"), (40, False, "int8"), (64, False, "int8"), (64, True, "int8")):
         folder = tmp_path / f"{dim}{'-q4' if four_bit else ''}"
         save_tiny_checkpoint(folder, tiny_config(dim=dim, ffn=2 * dim, n_heads=4, n_kv_heads=2), four_bit=four_bit)
         for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -328,7 +327,7 @@ def test_float32_loads_packed_and_int8_never_silently_skips(tmp_path, monkeypatc
         assert precision(model) == want and in_one_block(model)      # moved once, after the conversion
         kinds = {type(m) for m in model.modules()} & {torch.nn.Linear, PackedLinear, Int8Linear, Int4Linear}
         fp32 = {PackedLinear} if want == "float32" and model.packing["packed"] else {torch.nn.Linear}
-        assert kinds == {"float32": fp32, "int8": {Int8Linear}, "int4": {Int4Linear, Int8Linear}}[want]
+        assert kinds == {"float32": fp32, "int8": {Int8Linear}}[want]
         assert not any(isinstance(m, PackedLinear) for m in load_model(folder, pack=False).modules())
     with pytest.raises(InputError, match="packed"):
         quantize_int8(load_model(tmp_path / "64", pack=True))
