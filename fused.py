@@ -74,8 +74,8 @@ def runs(*tensors):
     if not enabled or torch.compiler.is_compiling():
         return False
     grad = torch.is_grad_enabled()
-    for t in tensors:
-        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or (grad and t.requires_grad):
+    for t in tensors:       # (is_cpu, not device.type: this runs 5 times a layer, and that costs 0.8 us)
+        if t.dtype is not torch.float32 or not t.is_cpu or not t.is_contiguous() or (grad and t.requires_grad):
             return False
     return (_lib or library()) is not None
 
