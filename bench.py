@@ -330,6 +330,7 @@ def report(b, rows, trace, op_counts, warm_up_seconds, per_method):
     bw = read_bandwidth(a.device)
     print_table(summary, f"{len(b.prompts)} prompts x {a.max_new_tokens} new tokens, {mach['device']} {mach['dtype']}, "
                          f"{mach.get('gpu', mach['cpu'])}, max_pending {'/'.join(str(b.pending[dt]) for dt in dtypes)}"
+                         + (f", small steps: {mach['small_steps']}" if "small_steps" in mach else "")
                          + (f", median of {a.repeats} runs per prompt" if a.repeats > 1 else ""))
     calls = lambda v: (f"{v['operator_calls_per_token']:.0f} operator calls" if "operator_calls_per_token" in v
                        else "operator calls not counted")

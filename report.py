@@ -38,6 +38,9 @@ def machine(device, dtype):
             "torch": torch.__version__, "python": platform.python_version(), "device": str(device), "dtype": str(dtype)}
     if torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    else:                     # what computes a layer's small steps here (fused.py)
+        import fused
+        info["small_steps"] = "fused.c" if fused.enabled and fused.library() else "PyTorch"
     return info
 
 
