@@ -92,8 +92,8 @@ def add_rms_norm(x, y, weight, eps):
     """(h, rms_norm(h)) for h = x + y, all (..., N)"""
     N = x.shape[-1]
     h, out = torch.empty_like(x), torch.empty_like(x)
-    (_lib or library()).add_rms_norm(x.data_ptr(), y.data_ptr(), weight.data_ptr(), eps, h.data_ptr(), out.data_ptr(),
-                      x.numel() // max(N, 1), N)
+    (_lib or library()).add_rms_norm(x.data_ptr(), y.data_ptr(), weight.data_ptr(), eps, h.data_ptr(),
+                                     out.data_ptr(), x.numel() // max(N, 1), N)
     return h, out
 
 
@@ -105,8 +105,8 @@ def attention(qkv, cos, sin, k, v, pos, H, H_kv):
     T = qkv.shape[1]
     D = qkv.shape[2] // (H + 2 * H_kv)
     out = qkv.new_empty(1, T, H * D)
-    (_lib or library()).attention(qkv.data_ptr(), qkv.shape[2], cos.data_ptr(), sin.data_ptr(), k.data_ptr(), v.data_ptr(),
-                   k.stride(1), out.data_ptr(), T, H, H_kv, D, pos, D ** -0.5)
+    (_lib or library()).attention(qkv.data_ptr(), qkv.shape[2], cos.data_ptr(), sin.data_ptr(), k.data_ptr(),
+                                  v.data_ptr(), k.stride(1), out.data_ptr(), T, H, H_kv, D, pos, D ** -0.5)
     return out
 
 
