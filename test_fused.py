@@ -46,7 +46,7 @@ def test_norms_and_the_residual_add(n, rows, scale, seed):
     assert torch.equal(h, wh) and torch.equal(h, x + y)                 # the add: PyTorch's bits
     exact = lambda v: v.double() * torch.rsqrt(v.double().pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight.double()
     for ours, theirs, v in ((got, want, x), (hn, whn, h)):
-        assert_close(ours, theirs, atol=0, rtol=4e-7, what="RMSNorm in C against PyTorch")
+        assert_close(ours, theirs, atol=0, rtol=8e-7, what="RMSNorm in C against PyTorch")   # (its own error: to 3.2e-7)
         assert_close(ours, exact(v), atol=0, rtol=3e-7, what="RMSNorm in C against float64")
 
 
@@ -94,7 +94,12 @@ def test_decoding_attention(H_kv, G, D, pos, T, scale, seed):
                                                       v[:, :, :pos + t + 1].double()).reshape(1, 1, H * D)
                        for t in range(T)], 1)
     ours, theirs = (got.double() - exact).abs().max().item(), (want.double() - exact).abs().max().item()
-    assert ours <= max(3 * theirs, 1e-6 * exact.abs().max().item() + 1e-7), \
+    # a score's float32 rounding, |q|.|k| * scale * 2^-24, moves the output by up to twice that
+    # times the largest value (both kernels' error is mostly this, and large scores amplify it)
+    scores = max((q[:, t].reshape(H_kv, G, D).abs() @ k[0, :, :pos + t + 1].double().abs().transpose(1, 2)).max().item()
+                 for t in range(T)) * D ** -0.5
+    rounding = 2 * 2.0 ** -24 * scores * v.abs().max().item()
+    assert ours <= max(4 * theirs, rounding + 1e-6 * exact.abs().max().item() + 1e-7), \
         f"attention in C is {ours:.2e} from float64, PyTorch's kernel {theirs:.2e}"
 
 
