@@ -52,7 +52,7 @@ def library():
     if _lib is None:
         _lib, why = cbuild.library(SOURCE, load)
         if _lib is None:
-            print(f"note: a layer's small steps run in PyTorch (the same results, slower): {why}", file=sys.stderr)
+            print(f"note: a layer's small steps run in PyTorch (slower): {why}", file=sys.stderr)
             _lib = False
     return _lib or None
 
