@@ -15,8 +15,8 @@ silu are float32 computed in another order (a few units in the last place apart:
 bound it). Every function computes each row alone, so a row's result does not depend on the
 other rows of its call: the batch invariance that int8's bitwise guarantee rests on.
 
-`with fused.off():`, `enabled = False` or ADADECODE_FUSED=0 in the environment run the
-PyTorch definitions instead (tests, timings).
+`with fused.off():`, `enabled = False` or ADADECODE_FUSED=0 (or false, no, off) in the
+environment run the PyTorch definitions instead (tests, timings).
 """
 import contextlib
 import ctypes
@@ -29,7 +29,7 @@ import torch
 import cbuild
 
 SOURCE = Path(__file__).with_name("fused.c")
-enabled = os.environ.get("ADADECODE_FUSED", "1") != "0"
+enabled = os.environ.get("ADADECODE_FUSED", "1").strip().lower() not in ("0", "false", "no", "off")
 _lib = None           # the loaded library, or False where it cannot be built; on first use
 
 
