@@ -30,7 +30,7 @@ from checkpoint import check_model_name, prepare_default_model, resolve_checkpoi
 from cli import check_device, check_writable, default_device, read_prompts
 from model import InputError
 from quantize import precision
-from report import (ends_in_loop, floor_report, machine, peak_memory, plots, print_table, read_bandwidth,
+from report import (ends_in_loop, floor_report, machine, peak_memory, plots, print_table, read_bandwidths,
                     reset_peak_memory, row_cost_plot, summarise, write_csv, write_json)
 from train_data import CODE_REQUEST
 
@@ -327,7 +327,8 @@ def report(b, rows, trace, op_counts, warm_up_seconds, per_method):
     per_cat = {c: summarise([r for r in rows if r["category"] == c]) for c in cats} if len(cats) > 1 else {}
     mach = machine(a.device, ",".join(dtypes))
     mem = peak_memory(a.device) if not per_method else max(s["peak_memory_bytes"] for s in summary.values())
-    bw = read_bandwidth(a.device)
+    readers = read_bandwidths(a.device)
+    bw = max(readers.values())
     print_table(summary, f"{len(b.prompts)} prompts x {a.max_new_tokens} new tokens, {mach['device']} {mach['dtype']}, "
                          f"{mach.get('gpu', mach['cpu'])}, max_pending {'/'.join(str(b.pending[dt]) for dt in dtypes)}"
                          + (f", small steps: {mach['small_steps']}" if "small_steps" in mach else "")
@@ -339,6 +340,8 @@ def report(b, rows, trace, op_counts, warm_up_seconds, per_method):
         for k, v in summary.items() if v.get("host_syncs_per_token") is not None))
     for c, s in per_cat.items():
         print_table(s, f"category: {c}")
+    print("\nread bandwidth: " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in readers.items())
+          + ("; the floors below use the faster" if len(readers) > 1 else ""))
     floors = {dt: floor_report(dt, b.engines[dt][0], summary[label(dt, "greedy", None)], bw, a.device)
               for dt in dtypes}
     agreement = None
@@ -358,7 +361,7 @@ def report(b, rows, trace, op_counts, warm_up_seconds, per_method):
     out.mkdir(parents=True, exist_ok=True)
     model, heads, _ = b.engines[dtypes[0]]
     figs = plots(out, summary, trace, a.threshold or [], model.args.n_layers, heads.layers if heads else [])
-    result = {"machine": mach, "args": vars(a), "summary": summary, "per_category": per_cat, "bandwidth_gb_s": bw,
+    result = {"machine": mach, "args": vars(a), "summary": summary, "per_category": per_cat, "bandwidth_gb_s": bw, "bandwidth_gb_s_by_reader": readers,
               "warm_up_seconds": warm_up_seconds, "per_dtype": floors, "dtype_agreement": agreement,
               "peak_memory_bytes": mem, "max_pending": b.pending, "heads": heads.meta if heads else None, "rows": rows}
     write_csv(out / "results.csv", rows)
@@ -382,7 +385,8 @@ def row_cost_report(out, model, heads, mach):
           (f", exit check {cost['check'] * 1e3:.3f} ms" if "check" in cost else ""))
     packing = getattr(model, "packing", None)
     if packing:
-        print(f"  float32 kernel: {'oneDNN packed' if packing['packed'] else 'F.linear'}, chosen at load")
+        print(f"  float32 kernel: {'oneDNN packed' if packing['packed'] else packing.get('dense', 'F.linear')}, "
+              f"chosen at load")
     out.mkdir(parents=True, exist_ok=True)
     row_cost_plot(out / "row_cost.png", rows, mach)
     write_json(out / "results.json", {"machine": mach, "row_cost_seconds": rows, "check_seconds": cost.get("check"),

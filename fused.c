@@ -1,17 +1,20 @@
 /*
- * A layer's small steps for float32 on the CPU, each in one call: RMSNorm (alone, and with the
- * residual add before it), decoding attention (the rotary step, the cache write, each row's
- * attention), and SwiGLU's silu(gate) * up. model.py holds each step's definition in PyTorch
- * and calls these instead where they run (fused.py: float32 on the CPU, eager, no gradients).
+ * A layer's steps for float32 on the CPU, each in one call: the linear layers at a few rows,
+ * RMSNorm (alone, and with the residual add before it), decoding attention (the rotary step, the
+ * cache write, each row's attention), and SwiGLU's silu(gate) * up. model.py holds each step's
+ * definition in PyTorch and calls these instead where they run (fused.py: float32 on the CPU,
+ * eager, no gradients).
  *
- * Why: in eager PyTorch every step is a few operator calls at 3-10 us each on a laptop-class
- * CPU, which adds up to more than the matrices' own time for int8 and int4 (README, "The
- * layer's small steps in C"). Here a step is one call and its loops are vectorised by the
- * compiler.
+ * Why: in eager PyTorch every small step is a few operator calls at 3-10 us each on a
+ * laptop-class CPU, which adds up to more than the matrices' own time for int8 and int4 (README,
+ * "The layer's small steps in C"). Here a step is one call and its loops are vectorised by the
+ * compiler. The linear layer is here because at one to a few rows its time is reading the
+ * weights, and a plain loop that prefetches reads them faster than F.linear on this project's
+ * Intel Xeon (README, "float32's matrices in C").
  *
  * Every function computes each row (and each head of a row) alone, in a fixed order, so a
  * row's result never depends on how many rows share the call: the batch invariance that
- * AdaDecode's bitwise guarantee in int8 rests on. Built with -ffp-contract=off: the rotary
+ * AdaDecode's bitwise guarantee rests on. Built with -ffp-contract=off: the rotary
  * step then gives PyTorch's bits exactly (two products, one sum, each rounded), as does the
  * residual add, and no result depends on whether the compiler chose to fuse a multiply-add.
  */
@@ -79,20 +82,30 @@ static inline float dot(const float *a, const float *b, long n) {
     return s;
 }
 
-/* dot(a, b[r * n ..]) for the 4 rows r of b, side by side (4 independent chains for the CPU to
- * overlap), each in dot's order: the same bits as 4 calls of dot */
-static inline void dot4(const float *a, const float *b, long n, float *out) {
-    lanes acc[4] = {{0}};
+/* dot(a[t], b[r]) for the 4 rows r of b (n floats apart) and R <= 4 rows t of a (lda floats
+ * apart), into out[t * ldo + r]: 4 R independent chains for the CPU to overlap, b's lanes loaded
+ * once for all R rows of a, each sum in dot's order (the same bits as 4 R calls of dot). `ahead`,
+ * where not NULL, is prefetched alongside (the next 4 rows of b, for `linear`). Inlined where R
+ * is a constant, so the sums stay in registers. */
+static inline __attribute__((always_inline)) void dot4(const float *a, long lda, int R, const float *b, long n,
+                                                       float *out, long ldo, const float *ahead) {
+    lanes acc[4][4] = {{{0}}};
     long i = 0;
     for (; i + LANES <= n; i += LANES) {
-        lanes ai = load(a + i);
-        for (int r = 0; r < 4; r++) acc[r] += ai * load(b + r * n + i);
+        lanes ai[4];
+        for (int t = 0; t < R; t++) ai[t] = load(a + t * lda + i);
+        for (int r = 0; r < 4; r++) {
+            if (ahead) __builtin_prefetch(ahead + r * n + i);
+            lanes br = load(b + r * n + i);
+            for (int t = 0; t < R; t++) acc[t][r] += ai[t] * br;
+        }
     }
-    for (int r = 0; r < 4; r++) {
-        float s = lanes_sum(acc[r]);
-        for (long t = i; t < n; t++) s += a[t] * b[r * n + t];
-        out[r] = s;
-    }
+    for (int t = 0; t < R; t++)
+        for (int r = 0; r < 4; r++) {
+            float s = lanes_sum(acc[t][r]);
+            for (long j = i; j < n; j++) s += a[t * lda + j] * b[r * n + j];
+            out[t * ldo + r] = s;
+        }
 }
 
 /* sum of x[i] in the same order as dot's */
@@ -104,6 +117,35 @@ static inline float sum(const float *x, long n) {
     float s = lanes_sum(acc);
     for (; i < n; i++) s += x[i];
     return s;
+}
+
+/* A linear layer for T rows x (T, K): y[t, o] = dot(x[t], w[o]) (+ b[o]), w (N, K) row-major,
+ * b NULL or (N,). Each output is dot's sum, alone, so a row's result does not depend on the
+ * other rows of the call. At a few rows the time is reading w once from memory: four rows of
+ * w at a time, used by up to four x rows at once while they sit in L1, the next four
+ * prefetched meanwhile, each thread one contiguous stretch of w. */
+void linear(const float *x, const float *w, const float *b, float *y, long T, long N, long K) {
+    #pragma omp parallel for schedule(static) if (N * K > 65536)
+    for (long o = 0; o < N; o += 4) {
+        if (o + 4 <= N) {
+            const float *ahead = o + 8 <= N ? w + (o + 4) * K : NULL;
+            for (long t = 0; t < T; t += 4) {
+                const float *xt = x + t * K, *wo = w + o * K;
+                float *yt = y + t * N + o;
+                switch (T - t) {          /* a constant R for each dot4, so its sums stay in registers */
+                case 1:  dot4(xt, K, 1, wo, K, yt, N, ahead); break;
+                case 2:  dot4(xt, K, 2, wo, K, yt, N, ahead); break;
+                case 3:  dot4(xt, K, 3, wo, K, yt, N, ahead); break;
+                default: dot4(xt, K, 4, wo, K, yt, N, ahead);
+                }
+            }
+        } else
+            for (long t = 0; t < T; t++)
+                for (long r = o; r < N; r++) y[t * N + r] = dot(x + t * K, w + r * K, K);
+        if (b)
+            for (long t = 0; t < T; t++)
+                for (long r = o; r < N && r < o + 4; r++) y[t * N + r] += b[r];
+    }
 }
 
 /* out = x * rsqrt(mean(x^2) + eps) * w for one row of N. The mean of squares is summed in
@@ -169,7 +211,7 @@ void attention(const float *qkv, long stride, const float *cos, const float *sin
         memcpy(q, o, D * sizeof(float));
         long j = 0;
         for (; j + 4 <= n; j += 4)
-            dot4(q, K + j * D, D, p + j);
+            dot4(q, 0, 1, K + j * D, D, p + j, 1, NULL);
         for (; j < n; j++)
             p[j] = dot(q, K + j * D, D);
         float m4[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};    /* 4 chains: a maximum is exact in any order */
@@ -216,4 +258,51 @@ void silu_mul(const float *gu, float *out, long M, long F) {
     for (long m = 0; m < M; m++, gu += 2 * F, out += F)
         for (long f = 0; f < F; f++)
             out[f] = gu[f] / (1.0f + exp_f(-gu[f])) * gu[F + f];
+}
+
+/* A linear layer as block() calls it: y (T, N) = x (T, K) times the layer's weights w (and two
+ * more arrays p1, p2 where the kernel needs them), + b where b is not NULL; 0, or 1 when out of
+ * memory. int8mm.c's int8mm has this type (w packed int8, p1 its row sums, p2 its scales). */
+typedef int (*matmul)(const float *x, const void *w, const void *p1, const void *p2, const float *b, float *y,
+                      long T, long K, long N);
+
+/* float32's linear as a matmul (p1, p2 unused) */
+static int linear_mm(const float *x, const void *w, const void *p1, const void *p2, const float *b, float *y,
+                     long T, long K, long N) {
+    (void)p1, (void)p2;
+    linear(x, w, b, y, T, N, K);
+    return 0;
+}
+
+/* TransformerBlock.forward (model.py) for T decoding rows x (T, dim), in one call: the functions
+ * above, called in the PyTorch forward's order on the same values, so the same bits as calling
+ * them one by one (test_fused.py checks), without a Python call per step. k, v: the layer's
+ * cache as in `attention`; g1, g2 the two norms' weights. The four linear layers (q/k/v, o,
+ * gate/up, down) are mats[4 * i .. 4 * i + 3] = w, p1, p2, bias, multiplied by kernels[i], or
+ * by `linear` (float32 weights) where kernels[i] is NULL: int8's layers pass int8mm. Returns 0,
+ * or 1 when out of memory. */
+int block(const float *x, float *out, long T, long dim, long F, const float *g1, const float *g2, double eps,
+          const float *cos, const float *sin, float *k, float *v, long kv_stride, long pos, long H, long H_kv,
+          long D, float scale, matmul *kernels, const void **mats) {
+    long Q = (H + 2 * H_kv) * D, A = H * D;
+    matmul mm[4];
+    for (int i = 0; i < 4; i++) mm[i] = kernels[i] ? kernels[i] : linear_mm;
+#define MAT(i) mats[4 * i], mats[4 * i + 1], mats[4 * i + 2], (const float *)mats[4 * i + 3]
+    float *xn = malloc(T * (4 * dim + Q + A + 3 * F) * sizeof(float));
+    if (!xn) return 1;
+    float *y = xn + T * dim, *h = y + T * dim, *hn = h + T * dim, *qkv = hn + T * dim, *att = qkv + T * Q,
+          *gu = att + T * A, *act = gu + 2 * T * F;
+    int oom = 0;
+    rms_norm(x, g1, eps, xn, T, dim);                               /* before_attention */
+    oom |= mm[0](xn, MAT(0), qkv, T, dim, Q);
+    attention(qkv, Q, cos, sin, k, v, kv_stride, att, T, H, H_kv, D, pos, scale);
+    oom |= mm[1](att, MAT(1), y, T, A, dim);                        /* after_attention */
+    add_rms_norm(x, y, g2, eps, h, hn, T, dim);
+    oom |= mm[2](hn, MAT(2), gu, T, dim, 2 * F);                    /* FeedForward */
+    silu_mul(gu, act, T, F);
+    oom |= mm[3](act, MAT(3), y, T, F, dim);
+    for (long i = 0; i < T * dim; i++) out[i] = h[i] + y[i];
+#undef MAT
+    free(xn);
+    return oom;
 }

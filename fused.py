@@ -1,19 +1,25 @@
 """
-A layer's small steps in C, for float32 on the CPU: the code between the matrices.
+A layer's steps in C, on the CPU, for float32 and for the float32 code around int8's matrices:
+the linear layers at a few rows, the code between them, and a whole block in one call.
 
+    linear(x, weight, bias)                        x @ weight.T + bias (decoding's few rows)
     rms_norm(x, weight, eps)                       RMSNorm
     add_rms_norm(x, y, weight, eps)                x + y, and that normalised
     attention(qkv, cos, sin, k, v, pos, H, H_kv)   decoding rows: rotary, the cache write, attention
     silu_mul(gate_up)                              SwiGLU's silu(gate) * up
+    block(blk, x, pos, cache, layer, cos, sin)     a whole TransformerBlock: the steps above, with
+                                                   `linear` or int8's kernel for its matrices
 
 model.py defines each step in PyTorch and calls these instead when runs(...) says they apply:
 float32 tensors on the CPU, contiguous, in eager mode, no gradients recorded, and fused.c
 built. In eager PyTorch a step is 2 to 10 operator calls of 3-10 us each on a laptop-class
 CPU, together more than int8's matrices take (README, "The layer's small steps in C"); here it
-is one call. The rotary step and the residual add give PyTorch's bits; the norms, softmax and
-silu are float32 computed in another order (a few units in the last place apart: the tests
-bound it). Every function computes each row alone, so a row's result does not depend on the
-other rows of its call: the batch invariance that int8's bitwise guarantee rests on.
+is one call, and a decoding block is one call in all. The linear layer reads the weights
+faster than F.linear at a few rows (README, "float32's matrices in C"). The rotary step and
+the residual add give PyTorch's bits; the matrices, norms, softmax and silu are float32
+computed in another order (a few units in the last place apart: the tests bound it). Every
+function computes each row alone, so a row's result does not depend on the other rows of its
+call: the batch invariance that AdaDecode's bitwise guarantee rests on.
 
 `with fused.off():`, `enabled = False` or ADADECODE_FUSED=0 (or false, no, off) in the
 environment run the PyTorch definitions instead (tests, timings).
@@ -37,12 +43,15 @@ def load(path):
     """fused.c's compiled library with its functions' argument types."""
     lib = ctypes.CDLL(str(path))
     P, L, Fl, Db = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_double
+    lib.linear.argtypes = [P, P, P, P, L, L, L]
     lib.rms_norm.argtypes = [P, P, Db, P, L, L]
     lib.add_rms_norm.argtypes = [P, P, P, Db, P, P, L, L]
     lib.attention.argtypes = [P, L, P, P, P, P, L, P, L, L, L, L, L, Fl]
     lib.silu_mul.argtypes = [P, P, L, L]
-    for fn in (lib.rms_norm, lib.add_rms_norm, lib.attention, lib.silu_mul):
+    lib.block.argtypes = [P, P, L, L, L, P, P, Db, P, P, P, P, L, L, L, L, L, Fl, P, P]
+    for fn in (lib.linear, lib.rms_norm, lib.add_rms_norm, lib.attention, lib.silu_mul):
         fn.restype = None
+    lib.block.restype = ctypes.c_int
     return lib
 
 
@@ -69,15 +78,26 @@ def off():
 
 
 def runs(*tensors):
-    """Whether fused.c computes a step on these tensors: float32, on the CPU, contiguous, eager,
-    no gradients recorded."""
+    """Whether fused.c computes a step on these tensors (None: an absent bias, no matter):
+    float32, on the CPU, contiguous, eager, no gradients recorded."""
     if not enabled or torch.compiler.is_compiling():
         return False
     grad = torch.is_grad_enabled()
-    for t in tensors:       # (is_cpu, not device.type: this runs 5 times a layer, and that costs 0.8 us)
+    for t in tensors:       # (is_cpu, not device.type: this runs 9 times a layer, and that costs 0.8 us)
+        if t is None:
+            continue
         if t.dtype is not torch.float32 or not t.is_cpu or not t.is_contiguous() or (grad and t.requires_grad):
             return False
     return (_lib or library()) is not None
+
+
+def linear(x, weight, bias=None):
+    """x (..., K) @ weight (N, K).T + bias (N,): (..., N)"""
+    N, K = weight.shape
+    out = x.new_empty(x.shape[:-1] + (N,))
+    (_lib or library()).linear(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
+                               out.data_ptr(), x.numel() // max(K, 1), N, K)
+    return out
 
 
 def rms_norm(x, weight, eps):
@@ -116,3 +136,59 @@ def silu_mul(gate_up):
     out = gate_up.new_empty(gate_up.shape[:-1] + (Fd,))
     (_lib or library()).silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // max(2 * Fd, 1), Fd)
     return out
+
+
+def block(blk, x, pos, cache, layer, cos, sin):
+    """TransformerBlock blk's forward for decoding rows x (1, T, dim) at positions pos..pos+T-1,
+    its k and v written into `layer` of `cache`, in one call of the steps above (the same bits):
+    (1, T, dim); or None, where fused.c does not compute this block (a linear layer neither
+    model.Linear nor int8's Int8Linear with its kernel built, or a tensor runs() refuses)."""
+    # the modules and weights through nn.Module's dicts: its attribute lookup costs 1.4 us on
+    # the Intel Xeon, and the 16 lookups here took more time than the C call's Python side
+    att, ffn = blk._modules["attention"], blk._modules["feed_forward"]
+    n1, n2 = blk._modules["attention_norm"], blk._modules["ffn_norm"]
+    g1, g2 = n1._parameters["weight"], n2._parameters["weight"]
+    if not runs(x, cos, sin, cache.k, g1, g2) or n1.eps != n2.eps:
+        return None
+    kernels, mats = [], []
+    for m in (att._modules["wqkv"], att._modules["wo"], ffn._modules["w13"], ffn._modules["w2"]):
+        found = _matrix(m)
+        if found is None:
+            return None
+        kernels.append(found[0])
+        mats += [0 if a is None else a.data_ptr() for a in found[1]]
+    T = x.shape[1]
+    k, v = cache.claim(layer, pos, T)
+    out = torch.empty_like(x)
+    if (_lib or library()).block(x.data_ptr(), out.data_ptr(), T, x.shape[2], ffn.ffn_dim, g1.data_ptr(),
+                                 g2.data_ptr(), n1.eps, cos.data_ptr(), sin.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                 k.stride(1), pos, att.H, att.H_kv, att.D, att.D ** -0.5, (ctypes.c_void_p * 4)(*kernels),
+                                 (ctypes.c_void_p * 16)(*mats)):
+        raise MemoryError("fused.c: out of memory")
+    return out
+
+
+def _matrix(m):
+    """A linear layer as fused.c's block multiplies it: (its kernel's address, or None for
+    float32's `linear`; (weight, the kernel's two more arrays or None, bias or None)), or None
+    where block cannot."""
+    global _classes, _int8_kernel
+    if _classes is None:            # model.py and quantize.py import this file: theirs on first use
+        from model import Linear
+        from quantize import Int8Linear
+        _classes = Linear, Int8Linear
+    if type(m) is _classes[0]:
+        w, b = m._parameters["weight"], m._parameters["bias"]
+        return (None, (w, None, None, b)) if runs(w, b) else None
+    if type(m) is _classes[1]:                                 # int8mm's packed weights, row sums, scales
+        if _int8_kernel is None:
+            import int8mm
+            fn = int8mm.kernel()[0]
+            _int8_kernel = fn and ctypes.cast(fn, ctypes.c_void_p).value     # 0: the reference runs, not C
+        a = m._buffers
+        if _int8_kernel and runs(a["scale"], a["bias"]):
+            return _int8_kernel, (a["wp"], a["wsum"], a["scale"], a["bias"])
+    return None
+
+
+_classes = _int8_kernel = None

@@ -159,6 +159,16 @@ def rope_inv_freq(args: ModelArgs):
     return torch.where(medium, blended, scaled)
 
 
+class Linear(nn.Linear):
+    def forward(self, x):
+        if x.numel() <= ROW_BY_ROW * x.shape[-1] and fused.runs(x, self.weight, self.bias):
+            # float32 on the CPU, a decoding call: in C, one pass over the weights for every row,
+            # each output summed alone (fused.c, linear): faster than F.linear at a few rows, and
+            # a row's result does not depend on how many rows share the call
+            return fused.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -188,8 +198,8 @@ class Attention(nn.Module):
         super().__init__()
         self.H, self.H_kv, self.D = args.n_heads, args.n_kv_heads, args.head_dim
         # q, k and v projections fused into one matmul: one weight read, one call
-        self.wqkv = nn.Linear(args.dim, (self.H + 2 * self.H_kv) * self.D, bias=args.qkv_bias)
-        self.wo = nn.Linear(self.H * self.D, args.dim, bias=False)
+        self.wqkv = Linear(args.dim, (self.H + 2 * self.H_kv) * self.D, bias=args.qkv_bias)
+        self.wo = Linear(self.H * self.D, args.dim, bias=False)
 
     def project(self, qkv, cos, sin):
         """q (B, T, H, D), k and v (B, H_kv, T, D) from the q/k/v projection's output qkv, rotary
@@ -247,8 +257,8 @@ class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.ffn_dim = args.ffn_dim
-        self.w13 = nn.Linear(args.dim, 2 * args.ffn_dim, bias=False)   # gate (w1) and up (w3) fused
-        self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=False)
+        self.w13 = Linear(args.dim, 2 * args.ffn_dim, bias=False)   # gate (w1) and up (w3) fused
+        self.w2 = Linear(args.ffn_dim, args.dim, bias=False)
 
     def forward(self, x):
         gate_up = self.w13(x)
@@ -267,6 +277,13 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x, pos, cache, layer, cos, sin):
+        if x.shape[0] == 1 and x.shape[1] <= ROW_BY_ROW:
+            # float32 on the CPU, a decoding call: the lines below in one C call, made of the
+            # same C steps they call one by one (the same bits, 25 fewer Python calls); None
+            # where fused.c does not compute this block
+            y = fused.block(self, x, pos, cache, layer, cos, sin)
+            if y is not None:
+                return y
         qkv = self.before_attention(x)
         y = self.attention.attend(qkv, pos, cache, layer, cos, sin)     # the cache's bookkeeping: plain Python
         return self.after_attention(x, y)
@@ -287,7 +304,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
@@ -305,13 +322,18 @@ class Transformer(nn.Module):
     def compile_blocks(self, **options):
         """torch.compile every block's two pure tensor parts (norm and q/k/v; o, the residuals,
         the MLP). Rotary, the cache's bookkeeping and the row-by-row attention stay in Python, so two graphs per part (one row; several, dynamic) serve every layer, and
-        after a warm-up decoding recompiles nothing (test_model.py counts). Packed float32
-        layers go back to nn.Linear first: Inductor plans its own matmuls."""
+        after a warm-up decoding recompiles nothing (test_model.py counts). float32 layers,
+        packed or not, become plain nn.Linear first: Inductor plans its own matmuls (and
+        fused.block, which only takes model.Linear, leaves the blocks to the compiled code)."""
         from quantize import PackedLinear       # here, not at the top: quantize.py builds on this file
         for module in list(self.modules()):
             for name, child in module.named_children():
                 if isinstance(child, PackedLinear):
                     setattr(module, name, child.unpacked())
+                elif type(child) is Linear:
+                    plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+                    plain.weight, plain.bias = child.weight, child.bias       # the same Parameters: a tie stays a tie
+                    setattr(module, name, plain)
         before = torch.compile(TransformerBlock.before_attention, dynamic=True, **options)
         after = torch.compile(TransformerBlock.after_attention, dynamic=True, **options)
         for blk in self.layers:

@@ -13,6 +13,7 @@ import time
 import torch
 import torch.nn as nn
 
+import fused
 from int8mm import MAX_K, int8mm, int8mm_op, pack, unpack
 from model import InputError, model_fingerprint
 
@@ -121,7 +122,7 @@ def linear_rows(linear, ids):
         return linear.rows(ids)
     if isinstance(linear, PackedLinear):
         return PackedLinear(linear.weight[ids].contiguous(), None if linear.bias is None else linear.bias[ids])
-    sub = nn.Linear(linear.in_features, len(ids), bias=linear.bias is not None, device="meta")
+    sub = type(linear)(linear.in_features, len(ids), bias=linear.bias is not None, device="meta")
     sub.weight = nn.Parameter(linear.weight[ids].contiguous(), requires_grad=False)
     if linear.bias is not None:
         sub.bias = nn.Parameter(linear.bias[ids].contiguous(), requires_grad=False)
@@ -185,8 +186,9 @@ def time_packing(pairs, rows=(1, 3), repeats=3):
 
 def pack_float32(model, always=False):
     """Replace every linear layer by a PackedLinear, in place, when oneDNN's packed kernel
-    is clearly faster than F.linear on this CPU (at least 10%: near a tie F.linear, the
-    plain path, stays, and the choice does not flip from run to run), timed on the model's
+    is clearly faster than model.Linear on this CPU (fused.c's loop where it is built, else
+    F.linear; at least 10%: near a tie the plain path stays, and the choice does not flip
+    from run to run), timed on the model's
     own matrices (time_packing; 1.3 s for the default model), or always. The timings and
     the choice go to model.packing. float32 on the CPU only; load_model does this by
     default (pack=True packs whatever the timing, pack=False never)."""
@@ -198,7 +200,8 @@ def pack_float32(model, always=False):
                for name, child in module.named_children() if isinstance(child, nn.Linear)]
     packed = [PackedLinear(c.weight, c.bias, keep_weight=c is model.output) for _, _, c in linears]
     dense_s, packed_s = time_packing([(c, p) for (_, _, c), p in zip(linears, packed)])
-    model.packing = {"packed": always or packed_s < 0.9 * dense_s, "dense_seconds": dense_s, "packed_seconds": packed_s}
+    model.packing = {"packed": always or packed_s < 0.9 * dense_s, "dense_seconds": dense_s, "packed_seconds": packed_s,
+                     "dense": "fused.c" if fused.runs(model.output.weight) else "F.linear"}
     if model.packing["packed"]:
         for (module, name, _), p in zip(linears, packed):
             setattr(module, name, p)

@@ -1,13 +1,14 @@
-"""fused.c, a layer's small steps in C for float32 on the CPU, against their PyTorch
-definitions in model.py: the rotary step, the cache write and the residual add bit for bit,
-the norms, attention and silu within a few units in the last place (and closer to float64
-than bfloat16 could be); every row computed alone (a row's bits do not depend on its call);
-NaN and inf rows stay NaN; where fused.c cannot be built, the PyTorch steps run and one line
-says so.
+"""fused.c, a layer's steps in C for float32 on the CPU, against their PyTorch definitions in
+model.py: the rotary step, the cache write and the residual add bit for bit, the linear
+layer, the norms, attention and silu within a few units in the last place (and closer to
+float64 than bfloat16 could be); every row computed alone (a row's bits do not depend on its
+call); a whole block in one call gives the steps' bits; NaN and inf rows stay NaN; where
+fused.c cannot be built, the PyTorch steps run and one line says so.
 
     pytest -q test_fused.py
 """
 import subprocess
+from unittest import mock
 
 import pytest
 import torch
@@ -18,7 +19,9 @@ import cbuild
 import fused
 from conftest import assert_close, random_llama
 from kvcache import KVCache
-from model import Attention, ModelArgs, RMSNorm
+import model
+from model import ROW_BY_ROW, Attention, Linear, ModelArgs, RMSNorm
+from quantize import quantize_int8
 
 
 def data(g, *shape, scale=1.0):
@@ -48,6 +51,33 @@ def test_norms_and_the_residual_add(n, rows, scale, seed):
     for ours, theirs, v in ((got, want, x), (hn, whn, h)):
         assert_close(ours, theirs, atol=0, rtol=8e-7, what="RMSNorm in C against PyTorch")   # (its own error: to 3.2e-7)
         assert_close(ours, exact(v), atol=0, rtol=3e-7, what="RMSNorm in C against float64")
+
+
+@given(K=st.integers(1, 1100), N=st.integers(1, 41), rows=st.integers(1, ROW_BY_ROW), bias=st.booleans(),
+       scale=st.sampled_from([1e-6, 1.0, 1e4]), seed=st.integers(0, 10**6))
+def test_the_linear_layer(K, N, rows, bias, scale, seed):
+    """model.Linear at decoding's few rows, in C: within the float32 rounding of its sums of
+    K products against float64 (F.linear's own error is of the same kind), each row's bits
+    those of its one-row call, and at more rows than ROW_BY_ROW, F.linear."""
+    g = torch.Generator().manual_seed(seed)
+    lin = Linear(K, N, bias=bias).requires_grad_(False)
+    lin.weight.copy_(data(g, N, K, scale=K ** -0.5))
+    if bias:
+        lin.bias.copy_(data(g, N))
+    x = data(g, 1, rows, K, scale=scale)
+    x[..., 0] *= 50                                                      # an outlier feature
+    with torch.inference_mode():
+        assert fused.runs(x, lin.weight, lin.bias)
+        got = lin(x)
+        for t in range(rows):
+            assert torch.equal(got[:, t:t + 1], lin(x[:, t:t + 1].contiguous()))
+        more = x.repeat(1, ROW_BY_ROW // rows + 1, 1)
+        assert torch.equal(lin(more), F.linear(more, lin.weight, lin.bias))
+    exact = x.double() @ lin.weight.double().T + (lin.bias.double() if bias else 0)
+    # a sum of K terms in 16 lanes, the lanes pairwise, then the tail: at most K/16 + 19 roundings
+    # of partial sums each bounded by sum |w x| (and the bias)
+    size = x.double().abs() @ lin.weight.double().abs().T + (lin.bias.double().abs() if bias else 0)
+    assert ((got.double() - exact).abs() <= (K // 16 + 20) * 2.0 ** -24 * size + 1e-30).all()
 
 
 def attention_layer(H_kv, G, D, seed):
@@ -127,6 +157,32 @@ def test_each_row_is_computed_alone(rows, pos, seed):
             one = slice(t, t + 1)
             assert torch.equal(norm.residual(x, y)[1][:, one], norm.residual(x[:, one], y[:, one])[1])
             assert torch.equal(fused.silu_mul(gu)[:, one], fused.silu_mul(gu[:, one].contiguous()))
+
+
+@given(arch=st.sampled_from(["llama", "qwen2"]), int8=st.booleans(), rows=st.integers(1, ROW_BY_ROW),
+       pos=st.integers(0, 300), seed=st.integers(0, 10**6))
+def test_a_block_in_one_call_is_its_steps(arch, int8, rows, pos, seed):
+    """fused.block, a TransformerBlock's forward in one C call, gives the bits of its steps
+    called one by one (the same functions in the same order), the cache's too, for Llama and
+    Qwen2 (q/k/v biases), float32 and int8, prompts and decoding calls; and it runs only where
+    every linear layer is a model.Linear or an Int8Linear."""
+    net = random_llama(seed % 1000, dtype=torch.float32, n_layers=2, n_heads=4, n_kv_heads=2, dim=32, ffn=48,
+                       max_pos=400, arch=arch)
+    net = quantize_int8(net) if int8 else net
+    h = torch.randn(1, pos + rows, 32, generator=torch.Generator().manual_seed(seed))
+    outs = []
+    with torch.inference_mode():
+        for whole in (True, False):
+            cache = net.new_cache(pos + rows)
+            net.run_layers(h[:, :pos], 0, cache) if pos else None
+            with mock.patch.object(fused, "block", fused.block if whole else lambda *a: None):   # None: the steps
+                outs.append((net.run_layers(h[:, pos:], pos, cache), cache.k.clone(), cache.v.clone()))
+        assert fused.block(net.layers[0], h[:, :1], 0, net.new_cache(1), 0, net.rope_cos[:1, None].clone(),
+                           net.rope_sin[:1, None].clone()) is not None
+        net.layers[0].feed_forward.w2 = torch.nn.Linear(48, 32, bias=False)     # not model.Linear: the steps run
+        assert fused.block(net.layers[0], h[:, :1], 0, net.new_cache(1), 0, net.rope_cos[:1, None].clone(),
+                           net.rope_sin[:1, None].clone()) is None
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
 
 
 def test_silu_and_its_exp_over_the_whole_float_range():

@@ -10,12 +10,13 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
+import fused
 from adadecode import generate_greedy, main
 from checkpoint import load_model, prepare_default_model
 from cli import read_prompts
 from conftest import assert_close, random_llama, save_tiny_checkpoint, tiny_config
 from kvcache import KVCache
-from model import CheckpointError, InputError
+from model import CheckpointError, InputError, Linear
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}
@@ -325,8 +326,8 @@ def test_float32_loads_packed_and_int8_never_silently_skips(tmp_path, monkeypatc
         monkeypatch.setattr(quantize, "MAX_K", 63 if dim == 32 else 66_000)    # dim 32: an MLP too wide for int8
         model = setup(str(folder), None, "cpu")[0]
         assert precision(model) == want and in_one_block(model)      # moved once, after the conversion
-        kinds = {type(m) for m in model.modules()} & {torch.nn.Linear, PackedLinear, Int8Linear, Int4Linear}
-        fp32 = {PackedLinear} if want == "float32" and model.packing["packed"] else {torch.nn.Linear}
+        kinds = {type(m) for m in model.modules()} & {torch.nn.Linear, Linear, PackedLinear, Int8Linear, Int4Linear}
+        fp32 = {PackedLinear} if want == "float32" and model.packing["packed"] else {Linear}
         assert kinds == {"float32": fp32, "int8": {Int8Linear}}[want]
         assert not any(isinstance(m, PackedLinear) for m in load_model(folder, pack=False).modules())
     with pytest.raises(InputError, match="packed"):
@@ -342,8 +343,9 @@ def test_float32_loads_packed_and_int8_never_silently_skips(tmp_path, monkeypatc
 @pytest.mark.parametrize("dense_s, packed_s", [(1.0, 2.0), (2.0, 1.0), (1.0, 0.95)])
 def test_float32_packs_only_where_the_timing_says_it_is_faster(monkeypatch, dense_s, packed_s):
     """pack_float32 times both kernels on the model's own matrices and packs only when that
-    is at least 10% faster (near a tie F.linear stays), reporting the timings; always=True
-    packs whatever they say. Either way the logits are F.linear's, up to the summation order."""
+    is at least 10% faster (near a tie model.Linear stays), reporting the timings and what
+    computes the unpacked layers; always=True packs whatever they say. Either way the logits
+    are F.linear's, up to the summation order."""
     import quantize
     ref = random_llama(1, dtype=torch.float32)
     pairs = []
@@ -352,7 +354,8 @@ def test_float32_packs_only_where_the_timing_says_it_is_faster(monkeypatch, dens
         m = quantize.pack_float32(random_llama(1, dtype=torch.float32), always=always)
         assert {p[0].weight.shape for p in pairs} == {l.weight.shape for l in ref.modules() if isinstance(l, torch.nn.Linear)}
         packed = always or packed_s < 0.9 * dense_s
-        assert m.packing == {"packed": packed, "dense_seconds": dense_s, "packed_seconds": packed_s}
+        assert m.packing == {"packed": packed, "dense_seconds": dense_s, "packed_seconds": packed_s,
+                             "dense": "fused.c" if fused.runs(m.norm.weight) else "F.linear"}
         assert isinstance(m.layers[0].feed_forward.w2, quantize.PackedLinear) == packed
         assert isinstance(m.output, quantize.PackedLinear) == packed
         x = torch.randn(1, 3, ref.args.dim)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from hypothesis import assume, given, strategies as st
 
+import fused
 from adadecode import DEFAULT_HEADS, exit_policy, generate_ada, generate_greedy, generate_selfspec
 from checkpoint import load_model
 from conftest import assert_close, random_llama
@@ -197,15 +198,16 @@ def test_real_model_parity_with_shipped_heads(real):
     assert spec.stats.accepted > 0
 
 
-# --- int8 and int4: bit for bit, not only token for token ------------------------------
-# The quantised forwards are batch-invariant: a row's result does not depend on how many
-# rows share its layer call. So AdaDecode's rows, deferred and batched, are bitwise greedy's.
+# --- int8, int4, and float32 with fused.c: bit for bit, not only token for token -------
+# These forwards are batch-invariant: a row's result does not depend on how many rows share
+# its layer call. So AdaDecode's rows, deferred and batched, are bitwise greedy's.
 
 def quantized_llama(seed, n_layers, shape, ffn, vocab, max_pos=256, arch="llama", bits=8):
+    """A random Llama (or Qwen2) in int8 (bits 8), int4 (4), or float32 left as it is (32)."""
     n_kv, group, head_dim = shape
     model = random_llama(seed, dtype=torch.float32, n_layers=n_layers, n_heads=n_kv * group, n_kv_heads=n_kv,
                          dim=n_kv * group * head_dim, ffn=ffn, vocab=vocab, max_pos=max_pos, arch=arch)
-    return quantize_int8(model) if bits == 8 else quantize_int4(model)
+    return {8: quantize_int8, 4: quantize_int4, 32: lambda m: m}[bits](model)
 
 
 def scored_rows(model):
@@ -231,12 +233,12 @@ def scored_rows(model):
 
 
 @st.composite
-def quantized_setups(draw):
+def quantized_setups(draw, bits=(8, 4)):
     n_layers = draw(st.integers(2, 5))
     shape = draw(st.sampled_from([(1, 1, 64), (1, 2, 32), (2, 2, 16), (1, 4, 16), (2, 1, 32), (4, 1, 16)]))
     model = quantized_llama(draw(st.integers(0, 10**6)), n_layers, shape, draw(st.sampled_from([64, 128, 192])),
                             draw(st.sampled_from([5, 11, 61])), max_pos=1024, arch=draw(st.sampled_from(["llama", "qwen2"])),
-                            bits=draw(st.sampled_from([8, 4])))
+                            bits=draw(st.sampled_from(bits)))
     layers = sorted(draw(st.sets(st.integers(1, n_layers), min_size=1, max_size=n_layers)))
     n = draw(st.one_of(st.integers(1, 24), st.integers(250, 700)))   # long ones: attention splits its keys
     rnd = random.Random(draw(st.integers(0, 10**6)))
@@ -266,6 +268,21 @@ def test_quantized_ada_is_bitwise_greedy(setup, seed, noise, threshold, max_pend
     """int8 or int4: tokens, every layer's KV cache, and every verified row's final hidden
     state and logits: torch.equal, with random or adversarial heads and any max_pending."""
     model, layers, prompt = setup
+    heads = (AdversarialHeads(layers, model.args.vocab_size, seed=seed) if adversarial
+             else random_heads(model, layers, seed, noise))
+    assert_bitwise_equal_runs(model, lambda: generate_greedy(model, prompt, max_new),
+                              lambda: generate_ada(model, heads, prompt, max_new, threshold=threshold,
+                                                   max_pending=max_pending))
+
+
+@given(setup=quantized_setups(bits=[32]), seed=st.integers(0, 10**6), noise=st.floats(0.0, 3.0),
+       threshold=st.floats(0.0, 1.0), max_pending=st.integers(0, ROW_BY_ROW - 1), max_new=st.integers(1, 32),
+       adversarial=st.booleans())
+def test_float32_ada_is_bitwise_greedy_on_the_cpu(setup, seed, noise, threshold, max_pending, max_new, adversarial):
+    """float32 on the CPU, where fused.c runs every decoding call of at most ROW_BY_ROW rows
+    (max_pending below it): bit for bit as int8 and int4 are, not only token for token."""
+    model, layers, prompt = setup
+    assert fused.runs(model.norm.weight)
     heads = (AdversarialHeads(layers, model.args.vocab_size, seed=seed) if adversarial
              else random_heads(model, layers, seed, noise))
     assert_bitwise_equal_runs(model, lambda: generate_greedy(model, prompt, max_new),
