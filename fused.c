@@ -175,6 +175,46 @@ void add_rms_norm(const float *x, const float *y, const float *w, double eps, fl
     }
 }
 
+/* One head's attention from its n scores p (overwritten): softmax(p * scale) . V, V (n, D),
+ * into o: the maximum, exp, their sum, the values weighted and summed key by key, one division
+ * at the end. */
+static void softmax_values(float *p, long n, const float *V, long D, float scale, float *o) {
+    float mx = -INFINITY, m4[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};  /* 4 chains: a maximum is exact in any order */
+    for (long j = 0; j < n; j++) {
+        p[j] *= scale;
+        m4[j % 4] = p[j] > m4[j % 4] ? p[j] : m4[j % 4];
+    }
+    for (int r = 0; r < 4; r++) mx = m4[r] > mx ? m4[r] : mx;
+    if (mx != mx || mx == INFINITY || mx == -INFINITY) mx = 0;    /* NaN or inf scores propagate below */
+    for (long j = 0; j < n; j++) p[j] = exp_f(p[j] - mx);
+    float total = sum(p, n);
+    /* the values weighted and summed key by key, in order; 4 * LANES outputs at a time in
+     * registers (4 chains of additions for the CPU to overlap), then LANES, then one */
+    long d = 0;
+    for (; d + 4 * LANES <= D; d += 4 * LANES) {
+        lanes acc[4] = {{0}};
+        for (long j = 0; j < n; j++)
+            for (int c = 0; c < 4; c++) acc[c] += p[j] * load(V + j * D + d + c * LANES);
+        for (int c = 0; c < 4; c++) {
+            lanes y = acc[c] / total;
+            memcpy(o + d + c * LANES, &y, sizeof y);
+        }
+    }
+    for (; d + LANES <= D; d += LANES) {
+        lanes acc = {0};
+        for (long j = 0; j < n; j++)
+            acc += p[j] * load(V + j * D + d);
+        acc /= total;
+        memcpy(o + d, &acc, sizeof acc);
+    }
+    for (; d < D; d++) {
+        float acc = 0;
+        for (long j = 0; j < n; j++)
+            acc += p[j] * V[j * D + d];
+        o[d] = acc / total;
+    }
+}
+
 /* Decoding attention for T rows at positions pos..pos+T-1, each row alone (no mask: row t reads
  * keys 0..pos+t), from the q/k/v projection's output qkv (T rows `stride` floats apart, each
  * [q: H heads, k: H_kv heads, v: H_kv heads] of D). First, row by row, the rotary step on q and
@@ -182,8 +222,7 @@ void add_rms_norm(const float *x, const float *y, const float *w, double eps, fl
  * Transformer.new_cache), k and v written into the layer's cache k, v (H_kv, S, D), heads
  * kv_stride floats apart, at positions pos+t, q into `out` (T, H, D). Then every (row, head)
  * alone: softmax(q.k * scale) . v over the row's keys, query head h reading KV head
- * h / (H / H_kv); the scores, their maximum, exp, their sum, the values weighted and summed
- * key by key, one division at the end; over `out`'s q. */
+ * h / (H / H_kv) (softmax_values), over `out`'s q. */
 void attention(const float *qkv, long stride, const float *cos, const float *sin, float *k, float *v,
                long kv_stride, float *out, long T, long H, long H_kv, long D, long pos, float scale) {
     long half = D / 2, G = H / H_kv;
@@ -198,58 +237,44 @@ void attention(const float *qkv, long stride, const float *cos, const float *sin
         for (long h = 0; h < H_kv; h++)
             memcpy(v + h * kv_stride + (pos + t) * D, row + (H + H_kv + h) * D, D * sizeof(float));
     }
-    /* two threads pay off from a few hundred keys on (an OpenMP region costs a few us) */
-    #pragma omp parallel for schedule(static) if (T * H * (pos + T) * D > 50000)
-    for (long th = 0; th < T * H; th++) {
-        long t = th / H, h = th % H, n = pos + t + 1;
-        const float *K = k + (h / G) * kv_stride, *V = v + (h / G) * kv_stride;
-        float *o = out + th * D, *q = malloc((n + D) * sizeof(float)), *p = q + D, mx = -INFINITY;
-        if (!q) {                                   /* no memory: a NaN row, not a crash */
-            for (long d = 0; d < D; d++) o[d] = NAN;
-            continue;
-        }
-        memcpy(q, o, D * sizeof(float));
-        long j = 0;
-        for (; j + 4 <= n; j += 4)
-            dot4(q, 0, 1, K + j * D, D, p + j, 1, NULL);
-        for (; j < n; j++)
-            p[j] = dot(q, K + j * D, D);
-        float m4[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};    /* 4 chains: a maximum is exact in any order */
-        for (j = 0; j < n; j++) {
-            p[j] *= scale;
-            m4[j % 4] = p[j] > m4[j % 4] ? p[j] : m4[j % 4];
-        }
-        for (int r = 0; r < 4; r++) mx = m4[r] > mx ? m4[r] : mx;
-        if (mx != mx || mx == INFINITY || mx == -INFINITY) mx = 0;    /* NaN or inf scores propagate below */
-        for (long j = 0; j < n; j++) p[j] = exp_f(p[j] - mx);
-        float total = sum(p, n);
-        /* the values weighted and summed key by key, in order; 4 * LANES outputs at a time in
-         * registers (4 chains of additions for the CPU to overlap), then LANES, then one */
-        long d = 0;
-        for (; d + 4 * LANES <= D; d += 4 * LANES) {
-            lanes acc[4] = {{0}};
-            for (long j = 0; j < n; j++)
-                for (int c = 0; c < 4; c++) acc[c] += p[j] * load(V + j * D + d + c * LANES);
-            for (int c = 0; c < 4; c++) {
-                lanes y = acc[c] / total;
-                memcpy(o + d + c * LANES, &y, sizeof y);
+    /* The scores, then each (row, head) alone. Every score is dot's sum, whichever thread
+     * computes it, so the work is cut to keep both threads busy: first blocks of 64 keys for
+     * a KV head's G query heads (up to 4 at a time: each key read once for them), then, after
+     * the threads meet, each head's softmax and values. Two threads pay off from a few
+     * hundred keys on (an OpenMP region costs a few us). */
+    long S = pos + T, blocks = (S + 63) / 64;
+    float *P = malloc(T * H * S * sizeof(float));   /* row t, head h's scores at P + (t * H + h) * S */
+    if (!P) {                                       /* no memory: NaN rows, not a crash */
+        for (long i = 0; i < T * H * D; i++) out[i] = NAN;
+        return;
+    }
+    #pragma omp parallel if (T * H * S * D > 50000)
+    {
+        #pragma omp for schedule(static)
+        for (long item = 0; item < T * H_kv * blocks; item++) {
+            long t = item / (H_kv * blocks), g = item / blocks % H_kv, j = item % blocks * 64, n = pos + t + 1;
+            long end = j + 64 < n ? j + 64 : n;
+            const float *K = k + g * kv_stride, *q = out + (t * H + g * G) * D;   /* the group's heads: adjacent */
+            float *p = P + (t * H + g * G) * S;
+            for (long c = 0; c < G; c += 4) {
+                long i = j;
+                for (; i + 4 <= end; i += 4) {
+                    switch (G - c) {    /* a constant number of heads for each dot4 (its sums in registers) */
+                    case 1:  dot4(q + c * D, D, 1, K + i * D, D, p + c * S + i, S, NULL); break;
+                    case 2:  dot4(q + c * D, D, 2, K + i * D, D, p + c * S + i, S, NULL); break;
+                    case 3:  dot4(q + c * D, D, 3, K + i * D, D, p + c * S + i, S, NULL); break;
+                    default: dot4(q + c * D, D, 4, K + i * D, D, p + c * S + i, S, NULL);
+                    }
+                }
+                for (; i < end; i++)
+                    for (long r = c; r < G && r < c + 4; r++) p[r * S + i] = dot(q + r * D, K + i * D, D);
             }
         }
-        for (; d + LANES <= D; d += LANES) {
-            lanes acc = {0};
-            for (long j = 0; j < n; j++)
-                acc += p[j] * load(V + j * D + d);
-            acc /= total;
-            memcpy(o + d, &acc, sizeof acc);
-        }
-        for (; d < D; d++) {
-            float acc = 0;
-            for (long j = 0; j < n; j++)
-                acc += p[j] * V[j * D + d];
-            o[d] = acc / total;
-        }
-        free(q);
+        #pragma omp for schedule(static)
+        for (long th = 0; th < T * H; th++)
+            softmax_values(P + th * S, pos + th / H + 1, v + (th % H / G) * kv_stride, D, scale, out + th * D);
     }
+    free(P);
 }
 
 /* SwiGLU's middle: out = silu(gate) * up = gate / (1 + exp(-gate)) * up, for M rows of
