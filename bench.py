@@ -301,21 +301,27 @@ def main(argv=None):
         op_counts, warm_up_seconds = warm_up(b)
         print(f"warm-up{' (torch.compile included)' if a.compile else ''}: {warm_up_seconds:.1f} s", file=sys.stderr)
         per_method = reset_peak_memory(a.device)       # False: the peak is the whole process's
-        rows, trace = [], None
+        rows, trace, probes = [], None, []
         for i in tqdm(range(len(b.prompts)), desc="benchmark", unit="prompt"):
+            # the read bandwidth before every prompt: this VM's speed moves 10-20% within a
+            # run, and the floor should be measured over the same minutes as greedy (where
+            # each method's memory peak is its own, so that the probe's buffer does not count)
+            if per_method:
+                probes.append(read_bandwidths(a.device, repeats=2))
             prompt_rows, schedule = time_prompt(b, i, trace=i == 0)
             rows += prompt_rows
             trace = trace or schedule
-        report(b, rows, trace, op_counts, warm_up_seconds, per_method)
+        report(b, rows, trace, op_counts, warm_up_seconds, per_method, probes)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
-def report(b, rows, trace, op_counts, warm_up_seconds, per_method):
-    """The summary tables, each dtype's floor, the dtypes' agreement, divergences, memory;
-    then results.json, results.csv and the plots in --out, and one JSON line last."""
+def report(b, rows, trace, op_counts, warm_up_seconds, per_method, probes):
+    """The summary tables, each dtype's floor (the read bandwidth: each reader's median over
+    `probes`, one before each prompt), the dtypes' agreement, divergences, memory; then
+    results.json, results.csv and the plots in --out, and one JSON line last."""
     a, dtypes, label = b.args, list(b.engines), b.label
     summary = summarise(rows)
     if any(summary[label(dt, "greedy", None)]["tokens_per_second"] is None for dt in dtypes):
@@ -327,7 +333,8 @@ def report(b, rows, trace, op_counts, warm_up_seconds, per_method):
     per_cat = {c: summarise([r for r in rows if r["category"] == c]) for c in cats} if len(cats) > 1 else {}
     mach = machine(a.device, ",".join(dtypes))
     mem = peak_memory(a.device) if not per_method else max(s["peak_memory_bytes"] for s in summary.values())
-    readers = read_bandwidths(a.device)
+    probes = probes or [read_bandwidths(a.device)]       # after the runs, where the peak is the process's
+    readers = {k: statistics.median(p[k] for p in probes) for k in probes[0]}
     bw = max(readers.values())
     print_table(summary, f"{len(b.prompts)} prompts x {a.max_new_tokens} new tokens, {mach['device']} {mach['dtype']}, "
                          f"{mach.get('gpu', mach['cpu'])}, max_pending {'/'.join(str(b.pending[dt]) for dt in dtypes)}"
@@ -340,7 +347,8 @@ def report(b, rows, trace, op_counts, warm_up_seconds, per_method):
         for k, v in summary.items() if v.get("host_syncs_per_token") is not None))
     for c, s in per_cat.items():
         print_table(s, f"category: {c}")
-    print("\nread bandwidth: " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in readers.items())
+    print(f"\nread bandwidth, median of {len(probes)} probe{'s (one before each prompt)' if len(probes) > 1 else ''}: "
+          + ", ".join(f"{k} {v:.1f} GB/s" for k, v in readers.items())
           + ("; the floors below use the faster" if len(readers) > 1 else ""))
     floors = {dt: floor_report(dt, b.engines[dt][0], summary[label(dt, "greedy", None)], bw, a.device)
               for dt in dtypes}
@@ -350,7 +358,7 @@ def report(b, rows, trace, op_counts, warm_up_seconds, per_method):
     print(("peak memory while decoding, per method: " + ", ".join(f"{k} {v['peak_memory_bytes'] / 2**20:.0f} MiB"
                                                             for k, v in summary.items()) if per_method else
            f"peak memory: {mem / 2**20:.0f} MiB") + f" ({'GPU, allocated by torch' if 'gpu' in mach else 'resident'}; "
-          "every model loaded in this process counts; the bandwidth probe runs after)")
+          "every model loaded in this process counts; the bandwidth probes do not)")
     divergences = [r for r in rows if r["divergence"]]
     for r in divergences:
         d = r["divergence"]
@@ -361,7 +369,7 @@ def report(b, rows, trace, op_counts, warm_up_seconds, per_method):
     out.mkdir(parents=True, exist_ok=True)
     model, heads, _ = b.engines[dtypes[0]]
     figs = plots(out, summary, trace, a.threshold or [], model.args.n_layers, heads.layers if heads else [])
-    result = {"machine": mach, "args": vars(a), "summary": summary, "per_category": per_cat, "bandwidth_gb_s": bw, "bandwidth_gb_s_by_reader": readers,
+    result = {"machine": mach, "args": vars(a), "summary": summary, "per_category": per_cat, "bandwidth_gb_s": bw, "bandwidth_gb_s_by_reader": readers, "bandwidth_probes": probes,
               "warm_up_seconds": warm_up_seconds, "per_dtype": floors, "dtype_agreement": agreement,
               "peak_memory_bytes": mem, "max_pending": b.pending, "heads": heads.meta if heads else None, "rows": rows}
     write_csv(out / "results.csv", rows)
