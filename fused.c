@@ -313,6 +313,7 @@ int block(const float *x, float *out, long T, long dim, long F, const float *g1,
     matmul mm[4];
     for (int i = 0; i < 4; i++) mm[i] = kernels[i] ? kernels[i] : linear_mm;
 #define MAT(i) mats[4 * i], mats[4 * i + 1], mats[4 * i + 2], (const float *)mats[4 * i + 3]
+    if (T == 0) return 0;
     float *xn = malloc(T * (4 * dim + Q + A + 3 * F) * sizeof(float));
     if (!xn) return 1;
     float *y = xn + T * dim, *h = y + T * dim, *hn = h + T * dim, *qkv = hn + T * dim, *att = qkv + T * Q,
