@@ -89,7 +89,9 @@ static inline float dot(const float *a, const float *b, long n) {
  * is a constant, so the sums stay in registers. */
 static inline __attribute__((always_inline)) void dot4(const float *a, long lda, int R, const float *b, long n,
                                                        float *out, long ldo, const float *ahead) {
-    lanes acc[4][4] = {{{0}}};
+    lanes acc[4][4];
+    for (int t = 0; t < R; t++)          /* only the R rows' sums: zeroing all 16 cost a memset a call */
+        for (int r = 0; r < 4; r++) acc[t][r] = (lanes){0};
     long i = 0;
     for (; i + LANES <= n; i += LANES) {
         lanes ai[4];
