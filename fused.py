@@ -162,8 +162,8 @@ def block(blk, x, pos, cache, layer, cos, sin):
     out = torch.empty_like(x)
     if (_lib or library()).block(x.data_ptr(), out.data_ptr(), T, x.shape[2], ffn.ffn_dim, g1.data_ptr(),
                                  g2.data_ptr(), n1.eps, cos.data_ptr(), sin.data_ptr(), k.data_ptr(), v.data_ptr(),
-                                 k.stride(1), pos, att.H, att.H_kv, att.D, att.D ** -0.5, (ctypes.c_void_p * 4)(*kernels),
-                                 (ctypes.c_void_p * 16)(*mats)):
+                                 k.stride(1), pos, att.H, att.H_kv, att.D, att.D ** -0.5,
+                                 (ctypes.c_void_p * 4)(*kernels), (ctypes.c_void_p * 16)(*mats)):
         raise MemoryError("fused.c: out of memory")
     return out
 

@@ -188,8 +188,8 @@ def pack_float32(model, always=False):
     """Replace every linear layer by a PackedLinear, in place, when oneDNN's packed kernel
     is clearly faster than model.Linear on this CPU (fused.c's loop where it is built, else
     F.linear; at least 10%: near a tie the plain path stays, and the choice does not flip
-    from run to run), timed on the model's
-    own matrices (time_packing; 1.3 s for the default model), or always. The timings and
+    from run to run), timed on the model's own matrices (time_packing; 1.3 s for the
+    default model), or always. The timings and
     the choice go to model.packing. float32 on the CPU only; load_model does this by
     default (pack=True packs whatever the timing, pack=False never)."""
     why = pack_unsupported(model)
