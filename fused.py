@@ -148,15 +148,17 @@ def block(blk, x, pos, cache, layer, cos, sin):
     att, ffn = blk._modules["attention"], blk._modules["feed_forward"]
     n1, n2 = blk._modules["attention_norm"], blk._modules["ffn_norm"]
     g1, g2 = n1._parameters["weight"], n2._parameters["weight"]
-    if not runs(x, cos, sin, cache.k, g1, g2) or n1.eps != n2.eps:
-        return None
-    kernels, mats = [], []
+    kernels, arrays, floats = [], [], [x, cos, sin, cache.k, g1, g2]
     for m in (att._modules["wqkv"], att._modules["wo"], ffn._modules["w13"], ffn._modules["w2"]):
         found = _matrix(m)
         if found is None:
             return None
         kernels.append(found[0])
-        mats += [0 if a is None else a.data_ptr() for a in found[1]]
+        arrays += found[1]
+        floats += found[2]
+    if n1.eps != n2.eps or not runs(*floats):           # one check for every float32 tensor
+        return None
+    mats = [0 if a is None else a.data_ptr() for a in arrays]
     T = x.shape[1]
     k, v = cache.claim(layer, pos, T)
     out = torch.empty_like(x)
@@ -170,8 +172,8 @@ def block(blk, x, pos, cache, layer, cos, sin):
 
 def _matrix(m):
     """A linear layer as fused.c's block multiplies it: (its kernel's address, or None for
-    float32's `linear`; (weight, the kernel's two more arrays or None, bias or None)), or None
-    where block cannot."""
+    float32's `linear`; (weight, the kernel's two more arrays or None, bias or None); the
+    float32 ones among them, for runs()), or None where block cannot."""
     global _classes, _int8_kernel
     if _classes is None:            # model.py and quantize.py import this file: theirs on first use
         from model import Linear
@@ -179,15 +181,15 @@ def _matrix(m):
         _classes = Linear, Int8Linear
     if type(m) is _classes[0]:
         w, b = m._parameters["weight"], m._parameters["bias"]
-        return (None, (w, None, None, b)) if runs(w, b) else None
+        return None, (w, None, None, b), (w, b)
     if type(m) is _classes[1]:                                 # int8mm's packed weights, row sums, scales
         if _int8_kernel is None:
             import int8mm
             fn = int8mm.kernel()[0]
             _int8_kernel = fn and ctypes.cast(fn, ctypes.c_void_p).value     # 0: the reference runs, not C
         a = m._buffers
-        if _int8_kernel and runs(a["scale"], a["bias"]):
-            return _int8_kernel, (a["wp"], a["wsum"], a["scale"], a["bias"])
+        if _int8_kernel:
+            return _int8_kernel, (a["wp"], a["wsum"], a["scale"], a["bias"]), (a["scale"], a["bias"])
     return None
 
 
