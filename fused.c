@@ -334,3 +334,61 @@ int block(const float *x, float *out, long T, long dim, long F, const float *g1,
     free(xn);
     return oom;
 }
+
+/* One row's guess from its logits z (V of them), into f: [top-1 index, p1, p2, entropy, lse]
+ * (heads.py, ExitHeads.features). e: V floats of scratch, exp(z - max). The top-1 is the first
+ * maximum; a NaN logit is the top-1, as torch.topk has it, and every figure NaN, as they are
+ * where the maximum is infinite. */
+static void guess(const float *z, long V, float *e, float *f) {
+    long j1 = 0, j2 = -1;
+    for (long j = 0; j < V; j++) {
+        if (z[j] != z[j]) {
+            j1 = j;
+            break;
+        }
+        if (z[j] > z[j1]) j1 = j;
+    }
+    float m = z[j1];
+    f[0] = (float)j1;
+    if (m != m || m == INFINITY || m == -INFINITY) {
+        f[1] = f[2] = f[3] = f[4] = NAN;
+        return;
+    }
+    for (long j = 0; j < V; j++)
+        if (j != j1 && (j2 < 0 || z[j] > z[j2])) j2 = j;
+    for (long j = 0; j < V; j++) e[j] = exp_f(z[j] - m);
+    float s = sum(e, V), lse = m + logf(s);      /* s >= 1: the top-1's own term is exp(0) */
+    f[1] = 1.0f / s;
+    f[2] = j2 < 0 ? 0.0f : e[j2] / s;
+    f[3] = lse - dot(e, z, V) / s;               /* entropy: lse - sum(softmax(z) * z) */
+    f[4] = lse;
+}
+
+/* An exit head's check (heads.py, ExitHeads.features) for T rows h (T, dim), in one call: u = A h,
+ * plus silu(B u) where the head has a residual block, the final RMSNorm (weights g), the
+ * vocabulary projection P (the LM head, or its shortlist's V rows: logits z), then each row's
+ * guess (above) into out (T, 5). A, B and P are mats[4 * i ..] for i = 0, 1, 2, multiplied as in
+ * block (kernels[i], or `linear` where it is NULL); mats[4] NULL: no residual block. A row's
+ * figures do not depend on the other rows (each step computes rows alone). Returns 0, or 1 when
+ * out of memory. */
+int head_check(const float *h, float *out, long T, long dim, long V, const float *g, double eps,
+               matmul *kernels, const void **mats) {
+    matmul mm[3];
+    for (int i = 0; i < 3; i++) mm[i] = kernels[i] ? kernels[i] : linear_mm;
+#define MAT(i) mats[4 * i], mats[4 * i + 1], mats[4 * i + 2], (const float *)mats[4 * i + 3]
+    if (T == 0) return 0;
+    float *u = malloc((T * (3 * dim + V) + V) * sizeof(float));
+    if (!u) return 1;
+    float *w = u + T * dim, *n = w + T * dim, *z = n + T * dim, *e = z + T * V;
+    int oom = mm[0](h, MAT(0), u, T, dim, dim);
+    if (mats[4]) {
+        oom |= mm[1](u, MAT(1), w, T, dim, dim);
+        for (long i = 0; i < T * dim; i++) u[i] += w[i] / (1.0f + exp_f(-w[i]));
+    }
+    rms_norm(u, g, eps, n, T, dim);
+    oom |= mm[2](n, MAT(2), z, T, dim, V);
+    for (long t = 0; t < T; t++) guess(z + t * V, V, e, out + 5 * t);
+#undef MAT
+    free(u);
+    return oom;
+}

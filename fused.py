@@ -9,6 +9,7 @@ the linear layers at a few rows, the code between them, and a whole block in one
     silu_mul(gate_up)                              SwiGLU's silu(gate) * up
     block(blk, x, pos, cache, layer, cos, sin)     a whole TransformerBlock: the steps above, with
                                                    `linear` or int8's kernel for its matrices
+    head_check(heads, layer, h)                    an exit head's check (heads.py's features)
 
 model.py defines each step in PyTorch and calls these instead when runs(...) says they apply:
 float32 tensors on the CPU, contiguous, in eager mode, no gradients recorded, and fused.c
@@ -49,9 +50,10 @@ def load(path):
     lib.attention.argtypes = [P, L, P, P, P, P, L, P, L, L, L, L, L, Fl]
     lib.silu_mul.argtypes = [P, P, L, L]
     lib.block.argtypes = [P, P, L, L, L, P, P, Db, P, P, P, P, L, L, L, L, L, Fl, P, P]
+    lib.head_check.argtypes = [P, P, L, L, L, P, Db, P, P]
     for fn in (lib.linear, lib.rms_norm, lib.add_rms_norm, lib.attention, lib.silu_mul):
         fn.restype = None
-    lib.block.restype = ctypes.c_int
+    lib.block.restype = lib.head_check.restype = ctypes.c_int
     return lib
 
 
@@ -168,6 +170,39 @@ def block(blk, x, pos, cache, layer, cos, sin):
                                  (ctypes.c_void_p * 4)(*kernels), (ctypes.c_void_p * 16)(*mats)):
         raise MemoryError("fused.c: out of memory")
     return out
+
+
+def head_check(heads, layer, h):
+    """heads.features(layer, h) for hidden states h (N, d), in one C call: u = T h, the residual
+    block, the final norm, the projection onto the shortlist (or the vocabulary), and each row's
+    [top-1 index, p1, p2, entropy, lse] (N, 5); or None where fused.c does not compute it (as
+    block: a projection neither model.Linear nor Int8Linear, a tensor runs() refuses)."""
+    i = heads.index[layer]
+    norm, output = heads._frozen
+    project = output if heads.shortlist is None else heads._short_out[0]
+    W = heads.W is not None
+    found = [_matrix(heads._T8[i]) if heads._T8 else _weight(heads.T[i]),
+             (_matrix(heads._W8[i]) if heads._W8 else _weight(heads.W[i])) if W else (None, (None,) * 4, ()),
+             _matrix(project)]
+    if None in found:
+        return None
+    g = norm._parameters["weight"]
+    if not runs(h, g, *(t for f in found for t in f[2])):
+        return None
+    h = h.reshape(-1, h.shape[-1])
+    V = found[2][1][2].numel() if found[2][0] else found[2][1][0].shape[0]     # int8: one scale per row
+    out = h.new_empty(h.shape[0], 5)
+    mats = [0 if a is None else a.data_ptr() for f in found for a in f[1]]
+    if (_lib or library()).head_check(h.data_ptr(), out.data_ptr(), h.shape[0], h.shape[1], V, g.data_ptr(),
+                                      norm.eps, (ctypes.c_void_p * 3)(*(f[0] for f in found)),
+                                      (ctypes.c_void_p * 12)(*mats)):
+        raise MemoryError("fused.c: out of memory")
+    return out
+
+
+def _weight(w):
+    """A float32 matrix (N, K) as _matrix gives a layer: `linear` multiplies it, no bias."""
+    return None, (w, None, None, None), (w,)
 
 
 def _matrix(m):

@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import fused
 from model import InputError, model_fingerprint
 from quantize import Int8Linear, linear_rows
 
@@ -120,7 +121,11 @@ class ExitHeads(nn.Module):
     @torch.no_grad()
     def features(self, layer, h):
         """(..., 5) float tensor [top-1 index, p1, p2, entropy, lse] for hidden states h (..., d).
-        The index is into the shortlist when there is one."""
+        The index is into the shortlist when there is one. float32 on the CPU: all of it in one
+        C call (fused.head_check), each row computed alone."""
+        f = fused.head_check(self, layer, h)
+        if f is not None:
+            return f.view(h.shape[:-1] + (5,))
         norm, output = self._frozen
         project = output if self.shortlist is None else self._short_out[0]
         z = project(norm(self.transform(layer, h)))                        # (..., V) or (..., K)

@@ -267,3 +267,46 @@ def test_without_a_compiler_the_pytorch_steps_run_and_say_so(tmp_path, monkeypat
                         else real_run(cmd, **kw))
     monkeypatch.delenv("CC")
     assert cbuild.build(fused.SOURCE, folder=tmp_path)[0] is None         # a compiler that fails
+
+
+@given(int8=st.booleans(), residual=st.booleans(), shortlist=st.booleans(), rows=st.integers(1, 9),
+       seed=st.integers(0, 10**6))
+def test_an_exit_check_in_one_call(int8, residual, shortlist, rows, seed):
+    """An exit head's check in C (fused.head_check: T, the residual block, the final norm, the
+    projection, each row's top-1, p1, p2, entropy and lse) against heads.py's PyTorch steps,
+    float32 and int8, with and without a residual block and a shortlist: the same top-1 where
+    the top two logits are not within rounding of each other, and the figures within float32's
+    rounding; every row computed alone (a row's bits do not depend on its call)."""
+    from heads import ExitHeads
+    net = random_llama(seed % 1000, dtype=torch.float32, n_layers=2, n_heads=4, n_kv_heads=2, dim=32, ffn=48, vocab=97)
+    net = quantize_int8(net) if int8 else net
+    g = torch.Generator().manual_seed(seed)
+    heads = ExitHeads(net, [1, 2], torch.eye(32) + 0.2 * data(g, 2, 32, 32),
+                      0.2 * data(g, 2, 32, 32) if residual else None).requires_grad_(False)
+    heads.set_shortlist(torch.randperm(97, generator=g)[:40].tolist() if shortlist else None)
+    h = data(g, rows, 32, scale=3.0)
+    with torch.inference_mode():
+        assert fused.head_check(heads, 2, h) is not None
+        got, want = twice(lambda: heads.features(2, h))
+        one = [heads.features(2, h[r]) for r in range(rows)]
+        norm, output = heads._frozen
+        z = (output if not shortlist else heads._short_out[0])(norm(heads.transform(2, h)))
+    assert all(torch.equal(got[r], one[r]) for r in range(rows))           # alone or in a call: the same bits
+    top2 = z.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-4 * top2[:, 0].abs().clamp(min=1)
+    assert torch.equal(got[clear, 0], want[clear, 0])
+    assert_close(got[:, 1:], want[:, 1:], atol=2e-6, rtol=2e-5, what="the check's figures in C against PyTorch's")
+
+
+def test_an_exit_check_on_a_nan_row():
+    """A NaN hidden state gives NaN figures (no policy exits on them) and a token index in range,
+    and leaves the other rows alone."""
+    from heads import ExitHeads
+    net = random_llama(3, dtype=torch.float32, n_layers=2, n_heads=4, n_kv_heads=2, dim=32, ffn=48, vocab=97)
+    heads = ExitHeads(net, [1], residual=True).requires_grad_(False)
+    h = torch.randn(3, 32)
+    h[1, 5] = float("nan")
+    with torch.inference_mode():
+        f = heads.features(1, h)
+        guess = heads.check(1, h[1])
+    assert f[[0, 2], 1:].isfinite().all() and f[1, 1:].isnan().all() and 0 <= guess.token < 97
