@@ -178,6 +178,8 @@ def head_check(heads, layer, h):
     [top-1 index, p1, p2, entropy, lse] (N, 5); or None where fused.c does not compute it (as
     block: a projection neither model.Linear nor Int8Linear, a tensor runs() refuses)."""
     i = heads.index[layer]
+    if h.dim() == 0 or h.shape[-1] != heads.T.shape[-1]:      # PyTorch's steps say what is wrong
+        return None
     norm, output = heads._frozen
     project = output if heads.shortlist is None else heads._short_out[0]
     W = heads.W is not None
