@@ -169,11 +169,13 @@ class Deferred:
 
 def default_max_pending(model):
     """How many early tokens may wait unverified when nothing says otherwise. A decoding
-    call then has at most max_pending + 1 rows. aten's int4 kernel computes 4 rows per
-    pass, so a fifth row costs a second pass (README, the row-cost tables): 3 keeps every
-    int4 call within one pass. Elsewhere 5: int8's kernel takes 8 rows per pass, and the
-    simulator's predicted speedup on held-out prompts peaks at 5-6 there (README, int8)."""
-    return 3 if precision(model) == "int4" else 5
+    call then has at most max_pending + 1 rows, and a quantised model's kernel computes a
+    fixed number of rows per pass, so the default keeps every call within one pass: 3 in
+    int4 (aten's kernel: 4 rows), 7 in int8 (int8mm.c: 8 rows). float32's `linear` has no
+    pass to fill; 5 there. Each was then checked with the simulator on held-out prompts and
+    measured against the alternatives (README, "How many early tokens may wait")."""
+    kind = precision(model)
+    return 3 if kind == "int4" else 7 if kind == "int8" else 5
 
 
 @torch.inference_mode()
@@ -399,8 +401,8 @@ def main(argv=None):
     ap.add_argument("--heads", help="exit heads file (default for the default model: heads/smollm2-135m-instruct.safetensors)")
     ap.add_argument("--threshold", type=float, help="exit when the head's top-1 probability is at least this "
                     "(default: the exit policy tuned for the heads, stored in the heads file)")
-    ap.add_argument("--max-pending", type=int, help="at most this many unverified early tokens (default: 3 in int4, "
-                    "whose kernel computes 4 rows per pass; 5 otherwise)")
+    ap.add_argument("--max-pending", type=int, help="at most this many unverified early tokens (default: 3 in int4 "
+                    "and 7 in int8, one pass of their kernels' 4 and 8 rows; 5 in float32)")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--device", default=default_device(), help="cuda when available, else cpu")
     ap.add_argument("--dtype", choices=DTYPES,

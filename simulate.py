@@ -322,7 +322,7 @@ def main(argv=None):
     ap.add_argument("--raw", action="store_true", help="no chat template")
     ap.add_argument("--n", type=int, default=400, help="prompts (train + held-out) of the default set, as train_heads.py")
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--max-pending", type=int, help="as adadecode.py (default: 3 in int4, 5 otherwise)")
+    ap.add_argument("--max-pending", type=int, help="as adadecode.py (default: 3 in int4, 7 in int8, 5 otherwise)")
     ap.add_argument("--exact", action="store_true", help="compute wrong-branch guesses with the model (slower)")
     ap.add_argument("--dtype", choices=["int4", "int8", "float32"],
                     help="the model's dtype for the traces, the head checks and the cost model (default: as "
@@ -363,7 +363,7 @@ def main(argv=None):
         held_t = sets["held-out"]
         n_tokens = [len(t.tokens) for t in held_t]
         print("measuring the row-cost model on this machine ...", file=sys.stderr)
-        cost = row_costs(model, heads)
+        cost = row_costs(model, heads, rows=range(1, a.max_pending + 2))      # every call size the replay makes
         print("cost model: " + ", ".join(f"{k} rows {v * 1e3:.3f} ms" if isinstance(k, int) else f"{k} {v * 1e3:.3f} ms"
                                          for k, v in cost.items()) + " (per layer call / per call)")
         run = lambda policy: figures(rec.replay(held_t, policy, a.max_pending, a.exact)[0], n_tokens, cost)

@@ -291,15 +291,16 @@ def test_float32_ada_is_bitwise_greedy_on_the_cpu(setup, seed, noise, threshold,
 
 
 @pytest.mark.parametrize("bits", [None, 8, 4])
-def test_default_max_pending_keeps_every_call_within_the_kernels_4_row_pass(bits):
-    """Without a max_pending, int4 holds at most 3 early tokens (every layer call within
-    its kernel's 4-row pass), float32 and int8 at most 5; the output stays greedy's."""
+def test_default_max_pending_keeps_every_call_within_the_kernels_pass(bits):
+    """Without a max_pending, int4 holds at most 3 early tokens and int8 at most 7 (every
+    layer call within one pass of their kernels' 4 and 8 rows), float32 at most 5; the
+    output stays greedy's."""
     model = (random_llama(3, dtype=torch.float32, n_layers=4, n_heads=2, n_kv_heads=1, dim=64, ffn=128, vocab=61)
              if bits is None else quantized_llama(3, 4, (1, 2, 32), 128, 61, bits=bits))
     prompt = list(range(1, 9))
     ada = generate_ada(model, ExitHeads(model, [1, 2]), prompt, 40, threshold=0.0)    # every check exits
     assert ada.tokens == generate_greedy(model, prompt, 40).tokens
-    assert max(ada.stats.rows_hist) == (4 if bits == 4 else 6)
+    assert max(ada.stats.rows_hist) == {None: 6, 8: 8, 4: 4}[bits]
 
 
 @given(seed=st.integers(0, 10**6), pos=st.integers(0, 700), rows=st.integers(2, 24), bits=st.sampled_from([8, 4]))
