@@ -19,6 +19,7 @@ a layer call take the real model: record.py.
     python simulate.py                                  # held-out code prompts, shipped heads: policy table
     python simulate.py --prompts prompts.jsonl --n 44 --max-new-tokens 128
     python simulate.py --fit                            # fit the exit policy, store it in the heads file
+    python simulate.py --dtype int8 --sweep-max-pending 3 4 5 6 7 8   # max_pending, one cost model
 """
 import argparse
 import sys
@@ -323,6 +324,9 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=400, help="prompts (train + held-out) of the default set, as train_heads.py")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--max-pending", type=int, help="as adadecode.py (default: 3 in int4, 7 in int8, 5 otherwise)")
+    ap.add_argument("--sweep-max-pending", type=int, nargs="+", metavar="N",
+                    help="replay the heads file's policy at each of these max_pending values, every one priced by "
+                         "the same cost model, print a row each and stop")
     ap.add_argument("--exact", action="store_true", help="compute wrong-branch guesses with the model (slower)")
     ap.add_argument("--dtype", choices=["int4", "int8", "float32"],
                     help="the model's dtype for the traces, the head checks and the cost model (default: as "
@@ -337,7 +341,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     try:
         for flag, value, least in (("--max-new-tokens", a.max_new_tokens, 1), ("--max-pending", a.max_pending, 0),
-                                   ("--n", a.n, 4)):
+                                   ("--n", a.n, 4), *(("--sweep-max-pending", v, 0) for v in a.sweep_max_pending or [])):
             if value is not None and value < least:
                 raise InputError(f"{flag} must be at least {least}, got {value}")
         if a.model:
@@ -363,13 +367,22 @@ def main(argv=None):
         held_t = sets["held-out"]
         n_tokens = [len(t.tokens) for t in held_t]
         print("measuring the row-cost model on this machine ...", file=sys.stderr)
-        cost = row_costs(model, heads, rows=range(1, a.max_pending + 2))      # every call size the replay makes
+        most = max([a.max_pending] + (a.sweep_max_pending or []))
+        cost = row_costs(model, heads, rows=range(1, most + 2))      # every call size the replays make
         print("cost model: " + ", ".join(f"{k} rows {v * 1e3:.3f} ms" if isinstance(k, int) else f"{k} {v * 1e3:.3f} ms"
                                          for k, v in cost.items()) + " (per layer call / per call)")
         run = lambda policy: figures(rec.replay(held_t, policy, a.max_pending, a.exact)[0], n_tokens, cost)
+        L = model.args.n_layers
+        if a.sweep_max_pending:
+            policy = from_spec(heads.meta["policy"], L) if "policy" in heads.meta else Threshold(0.75)
+            print(f"\n{len(held_t)} held-out traces, {sum(n_tokens)} tokens, the heads file's policy"
+                  f"{'' if 'policy' in heads.meta else ' (none: top-1 probability >= 0.75)'}")
+            print(f"{'max_pending':<34} {'ideal':>7}  {'pred.':>8}  {'early':>6}  {'reject':>6}  {'rows':>5}  {'chk/t':>5}")
+            for n in a.sweep_max_pending:
+                print_row(f"{n}", figures(rec.replay(held_t, policy, n, a.exact)[0], n_tokens, cost))
+            return 0
         print(f"\n{len(held_t)} held-out traces, {sum(n_tokens)} tokens, max_pending {a.max_pending}")
         print(f"{'policy':<34} {'ideal':>7}  {'pred.':>8}  {'early':>6}  {'reject':>6}  {'rows':>5}  {'chk/t':>5}")
-        L = model.args.n_layers
         for t in (0.5, 0.75, 0.9):
             print_row(f"top-1 probability >= {t}", run(Threshold(t)))
         for t in (0.3, 0.5, 0.7):
