@@ -344,6 +344,9 @@ def main(argv=None):
                                    ("--n", a.n, 4), *(("--sweep-max-pending", v, 0) for v in a.sweep_max_pending or [])):
             if value is not None and value < least:
                 raise InputError(f"{flag} must be at least {least}, got {value}")
+        if a.sweep_max_pending and (a.fit or a.max_pending is not None):
+            raise InputError(f"--sweep-max-pending replays its own max_pending values: give it without "
+                             f"{'--fit' if a.fit else '--max-pending'}")
         if a.model:
             check_model_name(a.model)
         heads_path = a.heads or (DEFAULT_HEADS if not a.model else None)

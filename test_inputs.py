@@ -716,6 +716,8 @@ def test_json_speed_counts_decoded_tokens_only(capsys):
     (["--device", "tpu"], "not a device name"), (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     (["--max-pending", "-1"], "--max-pending must be at least 0, got -1"), (["--n", "3"], "--n must be at least 4"),
     (["--sweep-max-pending", "5", "-2"], "--sweep-max-pending must be at least 0, got -2"),
+    (["--sweep-max-pending", "5", "7", "--fit"], "give it without --fit"),
+    (["--sweep-max-pending", "5", "--max-pending", "3"], "give it without --max-pending"),
     (["--prompts", "missing.jsonl"], "missing.jsonl"), (["--model", "/nonexistent"], "/nonexistent: no such folder"),
 ])
 def test_simulate_refuses_before_the_long_work(argv, message, capsys, monkeypatch):
