@@ -25,8 +25,8 @@ import torch
 
 from checkpoint import Tokenizer, check_model_name, eos_ids, in_huge_pages, load_model, prepare_default_model
 from cli import check_device, default_device, read_prompts
-from exits import CONTEXT, Threshold, context_guess, from_spec, in_context, lookup
-from model import InputError
+from exits import CONTEXT, Threshold, acts, context_guess, from_spec, in_context, lookup
+from model import InputError, argmax
 from quantize import (int4_unsupported, int8_unsupported, pack_float32, pack_unsupported, precision,
                       quantize_int4, quantize_int8)
 
@@ -130,7 +130,7 @@ def prefill(model, cache, prompt):
     """Run the whole prompt through every layer; return the first generated token."""
     x = torch.tensor([prompt], device=model.device)
     h = model.run_layers(model.embed(x), 0, cache)
-    return int(model.logits(h[:, -1]).argmax(-1))      # only the last position's logits are needed
+    return int(argmax(model.logits(h[:, -1])))         # only the last position's logits are needed
 
 
 @torch.inference_mode()
@@ -154,7 +154,7 @@ def generate_greedy(model, prompt, max_new_tokens, eos=(), on_token=None):
             break
         h = model.run_layers(model.embed(nxt), len(prompt) + len(out) - 1, cache)
         stats.count_call(1, L)
-        nxt = model.logits(h[:, -1:]).argmax(-1)      # the next call's input, without a host round trip
+        nxt = argmax(model.logits(h[:, -1:]))         # the next call's input, without a host round trip
         out.append(int(nxt))                          # the one host sync per token
         stats.host_syncs += 1
     sync(device)
@@ -195,6 +195,7 @@ def generate_ada(model, heads, prompt, max_new_tokens, eos=(), threshold=0.75, m
     stats = Stats(n_layers=L, trace=[] if trace else None)
     exit_layers = [CONTEXT] + [l for l in heads.layers if l < L]   # at layer L the final head itself decides;
                                                       # at 0 the context does, if the policy names it
+    stops = [l for l in exit_layers if acts(policy, l)]   # the others are run through without a stop
     t0 = time.perf_counter()
     out = [prefill(model, cache, prompt)]             # generated tokens, the last ones maybe unverified
     stats.host_syncs += 1
@@ -250,7 +251,7 @@ def generate_ada(model, heads, prompt, max_new_tokens, eos=(), threshold=0.75, m
                             stats.trace.append(("exit", stats.steps, layer))
                         break
             # run up to the next place where something can happen: a head or a join
-            stop = min([L] + [l for l in exit_layers if l > layer and can_exit] + [b.frontier for b in deferred[-1:]])
+            stop = min([L] + [l for l in stops if l > layer and can_exit] + [b.frontier for b in deferred[-1:]])
             if trace:
                 stats.trace.append(("run", stats.steps, layer, stop, cache.lengths[layer] - len(prompt), h.shape[1]))
             h = model.run_layers(h, last - h.shape[1] + 1, cache, layer, stop)   # the cache checks the position
@@ -272,7 +273,7 @@ def verify(model, cache, h, n_prompt, out, exit_layer, stats, policy):
     and cut every layer's cache back to just after that row. The policy hears each verdict."""
     L = model.args.n_layers
     first = cache.lengths[L - 1] - h.shape[1]                 # position of the first row
-    preds = model.logits(h)[0].argmax(-1).tolist()            # (T,)
+    preds = argmax(model.logits(h)[0]).tolist()               # (T,)
     stats.verifications += 1
     stats.host_syncs += 1
     for r, pred in enumerate(preds):

@@ -11,6 +11,8 @@ the same way in the real loop:
     policy.exit(layer, guess)    exit with guess.token?  (guess: heads.Guess, with its context: in_context)
     policy.dry(layer)            only rehearse that exit? (scored against the final layer, not taken)
     policy.observe(layer, ok)    the verdict on an early token from `layer`, or on a rehearsed one
+    policy.acts(layer)           may it ever exit at `layer`? (optional; no side effects: the loop
+                                 runs straight through the heads where it may not, in one call)
 
 A policy only decides *when* to guess; verification keeps the output exactly greedy's
 whatever it says. A head set may carry its tuned policy (`spec()`), and `from_spec`
@@ -66,6 +68,13 @@ def context_guess(found):
     return None if token is None else Guess(token, 0.0, 0.0, 0.0, 0.0, echo=k, clash=0)
 
 
+def acts(policy, layer):
+    """policy.acts(layer), or True for a policy without it: whether the decoding loop must stop
+    at the head after `layer` to ask the policy there."""
+    fn = getattr(policy, "acts", None)
+    return True if fn is None else fn(layer)
+
+
 def _per_layer(value, what):
     """A float for every head, or {layer: float} (a head without an entry never exits)."""
     if isinstance(value, dict):
@@ -97,6 +106,8 @@ class Threshold:
 
     def active(self, layer):
         return self._t(layer) is not None
+
+    acts = active
 
     def exit(self, layer, guess):
         return getattr(guess, self.feature) >= self._t(layer)
@@ -139,6 +150,8 @@ class Logistic:
 
     def active(self, layer):
         return layer in self.weights and self._t(layer) is not None
+
+    acts = active
 
     def exit(self, layer, guess):
         return self.prob(layer, guess) >= self._t(layer)
@@ -192,6 +205,9 @@ class Guard:
             return True
         self.skipped[layer] = self.skipped.get(layer, 0) + 1
         return self.skipped[layer] % self.probe == 0          # an occasional re-probe, rehearsed
+
+    def acts(self, layer):
+        return acts(self.policy, layer)
 
     def exit(self, layer, guess):
         return self.policy.exit(layer, guess)

@@ -287,6 +287,45 @@ void silu_mul(const float *gu, float *out, long M, long F) {
             out[f] = gu[f] / (1.0f + exp_f(-gu[f])) * gu[F + f];
 }
 
+/* The index of each row's largest value, for M rows x (M, N), into out (M): the first one,
+ * and the first NaN where there is one, as torch.argmax. PyTorch's CPU argmax compares one
+ * element at a time (about 116 us over the default model's 49,152 logits on the Intel Xeon);
+ * this keeps LANES running maxima and where each was first seen, then takes the largest. */
+typedef int32_t int_lanes __attribute__((vector_size(LANES * sizeof(int32_t))));
+
+void argmax_rows(const float *x, long M, long N, long *out) {
+    for (long m = 0; m < M; m++, x += N) {
+        float best = -INFINITY;
+        long k = 0, j = 0;
+        int nan = 0;
+        if (N >= LANES) {
+            lanes mx = load(x);
+            int_lanes lane, at, bad = mx != mx;               /* bad: -1 in a lane that saw a NaN */
+            for (int l = 0; l < LANES; l++) lane[l] = l;
+            at = lane;                                        /* where each lane's maximum is */
+            for (j = LANES; j + LANES <= N; j += LANES) {
+                lanes v = load(x + j);
+                int_lanes more = v > mx;                      /* strictly: a lane keeps its first maximum */
+                mx = (lanes)(((int_lanes)v & more) | ((int_lanes)mx & ~more));
+                at = (at & ~more) | ((lane + (int32_t)j) & more);
+                bad |= v != v;
+            }
+            best = mx[0], k = at[0];
+            for (int l = 0; l < LANES; l++) {
+                if (mx[l] > best || (mx[l] == best && at[l] < k)) best = mx[l], k = at[l];
+                nan |= bad[l];
+            }
+        }
+        for (; j < N; j++) {                                  /* the tail, after every lane's elements */
+            if (x[j] > best) best = x[j], k = j;
+            nan |= x[j] != x[j];
+        }
+        if (nan)
+            for (k = 0; x[k] == x[k]; k++) {}                 /* the first NaN */
+        out[m] = k;
+    }
+}
+
 /* A linear layer as block() calls it: y (T, N) = x (T, K) times the layer's weights w (and two
  * more arrays p1, p2 where the kernel needs them), + b where b is not NULL; 0, or 1 when out of
  * memory. int8mm.c's int8mm has this type (w packed int8, p1 its row sums, p2 its scales). */
@@ -332,6 +371,40 @@ int block(const float *x, float *out, long T, long dim, long F, const float *g1,
     for (long i = 0; i < T * dim; i++) out[i] = h[i] + y[i];
 #undef MAT
     free(xn);
+    return oom;
+}
+
+/* One layer's arguments to block() apart from the rows, the positions and the cache: made once
+ * per layer in Python (fused.py, BlockPlan) */
+typedef struct {
+    long F, H, H_kv, D;
+    double eps;
+    float scale;
+    const float *g1, *g2;
+    matmul kernels[4];
+    const void *mats[16];
+} layer_plan;
+
+/* block() for n layers in turn, plans[0..n-1], on T rows x (T, dim): the last layer's output
+ * into out. Layer i's cache is k and v advanced by i * layer_stride floats (the cache holds
+ * every layer in one tensor, kvcache.py). One call from Python instead of n: per layer its
+ * Python side cost more than int8's matrices in a layer (README, "A run of layers in one
+ * call"). Returns 0, or 1 when out of memory. */
+int layers(const float *x, float *out, long T, long dim, const float *cos, const float *sin, float *k, float *v,
+           long layer_stride, long kv_stride, long pos, long n, const layer_plan *plans) {
+    float *tmp = n > 1 ? malloc(T * dim * sizeof(float)) : NULL;
+    if (n > 1 && !tmp) return 1;
+    const float *in = x;
+    int oom = 0;
+    for (long i = 0; i < n && !oom; i++) {
+        const layer_plan *p = plans + i;
+        float *dst = (n - 1 - i) % 2 == 0 ? out : tmp;     /* the last layer writes into out */
+        oom = block(in, dst, T, dim, p->F, p->g1, p->g2, p->eps, cos, sin, k + i * layer_stride,
+                    v + i * layer_stride, kv_stride, pos, p->H, p->H_kv, p->D, p->scale, (matmul *)p->kernels,
+                    (const void **)p->mats);
+        in = dst;
+    }
+    free(tmp);
     return oom;
 }
 

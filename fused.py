@@ -7,6 +7,7 @@ the linear layers at a few rows, the code between them, and a whole block in one
     add_rms_norm(x, y, weight, eps)                x + y, and that normalised
     attention(qkv, cos, sin, k, v, pos, H, H_kv)   decoding rows: rotary, the cache write, attention
     silu_mul(gate_up)                              SwiGLU's silu(gate) * up
+    argmax(x)                                      x.argmax(-1)
     block(blk, x, pos, cache, layer, cos, sin)     a whole TransformerBlock: the steps above, with
                                                    `linear` or int8's kernel for its matrices
     head_check(heads, layer, h)                    an exit head's check (heads.py's features)
@@ -29,6 +30,7 @@ import contextlib
 import ctypes
 import os
 import sys
+import weakref
 from pathlib import Path
 
 import torch
@@ -49,11 +51,12 @@ def load(path):
     lib.add_rms_norm.argtypes = [P, P, P, Db, P, P, L, L]
     lib.attention.argtypes = [P, L, P, P, P, P, L, P, L, L, L, L, L, Fl]
     lib.silu_mul.argtypes = [P, P, L, L]
-    lib.block.argtypes = [P, P, L, L, L, P, P, Db, P, P, P, P, L, L, L, L, L, Fl, P, P]
+    lib.argmax_rows.argtypes = [P, L, L, P]
+    lib.layers.argtypes = [P, P, L, L, P, P, P, P, L, L, L, L, P]
     lib.head_check.argtypes = [P, P, L, L, L, P, Db, P, P]
-    for fn in (lib.linear, lib.rms_norm, lib.add_rms_norm, lib.attention, lib.silu_mul):
+    for fn in (lib.linear, lib.rms_norm, lib.add_rms_norm, lib.attention, lib.silu_mul, lib.argmax_rows):
         fn.restype = None
-    lib.block.restype = lib.head_check.restype = ctypes.c_int
+    lib.layers.restype = lib.head_check.restype = ctypes.c_int
     return lib
 
 
@@ -88,9 +91,13 @@ def runs(*tensors):
     for t in tensors:       # (is_cpu, not device.type: this runs 9 times a layer, and that costs 0.8 us)
         if t is None:
             continue
-        if t.dtype is not torch.float32 or not t.is_cpu or not t.is_contiguous() or (grad and t.requires_grad):
+        if not _float32_cpu(t) or (grad and t.requires_grad):
             return False
     return (_lib or library()) is not None
+
+
+def _float32_cpu(t):
+    return t.dtype is torch.float32 and t.is_cpu and t.is_contiguous()
 
 
 def linear(x, weight, bias=None):
@@ -140,36 +147,164 @@ def silu_mul(gate_up):
     return out
 
 
+def argmax(x):
+    """x.argmax(-1), the first maximum (or NaN) of each row: (...,) int64"""
+    out = torch.empty(x.shape[:-1], dtype=torch.long)
+    (_lib or library()).argmax_rows(x.data_ptr(), out.numel(), x.shape[-1], out.data_ptr())
+    return out
+
+
 def block(blk, x, pos, cache, layer, cos, sin):
     """TransformerBlock blk's forward for decoding rows x (1, T, dim) at positions pos..pos+T-1,
     its k and v written into `layer` of `cache`, in one call of the steps above (the same bits):
     (1, T, dim); or None, where fused.c does not compute this block (a linear layer neither
     model.Linear nor int8's Int8Linear with its kernel built, or a tensor runs() refuses)."""
-    # the modules and weights through nn.Module's dicts: its attribute lookup costs 1.4 us on
-    # the Intel Xeon, and the 16 lookups here took more time than the C call's Python side
-    att, ffn = blk._modules["attention"], blk._modules["feed_forward"]
-    n1, n2 = blk._modules["attention_norm"], blk._modules["ffn_norm"]
-    g1, g2 = n1._parameters["weight"], n2._parameters["weight"]
-    kernels, arrays, floats = [], [], [x, cos, sin, cache.k, g1, g2]
-    for m in (att._modules["wqkv"], att._modules["wo"], ffn._modules["w13"], ffn._modules["w2"]):
-        found = _matrix(m)
-        if found is None:
-            return None
-        kernels.append(found[0])
-        arrays += found[1]
-        floats += found[2]
-    if n1.eps != n2.eps or not runs(*floats):           # one check for every float32 tensor
+    plan = _plans.get(blk)
+    if plan is None or not plan.current():
+        plan = _plans[blk] = BlockPlan(blk)
+    if plan.struct is None or not _runs_on(x, cos, sin, cache, plan.floats):
         return None
-    mats = [0 if a is None else a.data_ptr() for a in arrays]
-    T = x.shape[1]
-    k, v = cache.claim(layer, pos, T)
+    k, v = cache.claim(layer, pos, x.shape[1])
+    return _call(x, cos, sin, k, v, 0, pos, 1, ctypes.addressof(plan.struct))
+
+
+def layers(model, h, pos, cache, start, end, cos, sin):
+    """Layers start..end-1 of `model` (a Transformer) for decoding rows h (1, T, dim), as
+    block() computes each, in one C call: the last one's output (1, T, dim); or None where
+    block() would not compute one of them, or one is not a plain TransformerBlock or has
+    forward hooks (they run block by block, as model.run_layers then does)."""
+    plan = _plans.get(model)
+    if plan is None or not plan.current(start, end):
+        plan = _plans[model] = ModelPlan(model)
+    if not plan.computes(start, end) or not _runs_on(h, cos, sin, cache, plan.floats):
+        return None
+    cache.claim_layers(start, end, pos, h.shape[1])
+    stride = cache.k.stride(0)                  # floats from one layer's cache to the next
+    return _call(h, cos, sin, cache.layer_k[start], cache.layer_v[start], stride, pos, end - start,
+                 plan.address(start))
+
+
+def _call(x, cos, sin, k, v, layer_stride, pos, n, plans):
+    """fused.c's layers() on rows x, n layers from the LayerPlan at address `plans`"""
     out = torch.empty_like(x)
-    if (_lib or library()).block(x.data_ptr(), out.data_ptr(), T, x.shape[2], ffn.ffn_dim, g1.data_ptr(),
-                                 g2.data_ptr(), n1.eps, cos.data_ptr(), sin.data_ptr(), k.data_ptr(), v.data_ptr(),
-                                 k.stride(1), pos, att.H, att.H_kv, att.D, att.D ** -0.5,
-                                 (ctypes.c_void_p * 4)(*kernels), (ctypes.c_void_p * 16)(*mats)):
+    if (_lib or library()).layers(x.data_ptr(), out.data_ptr(), x.shape[1], x.shape[2], cos.data_ptr(),
+                                  sin.data_ptr(), k.data_ptr(), v.data_ptr(), layer_stride, k.stride(1), pos, n,
+                                  plans):
         raise MemoryError("fused.c: out of memory")
     return out
+
+
+class LayerPlan(ctypes.Structure):
+    """fused.c's layer_plan: block()'s arguments apart from the rows, the positions and the cache"""
+    _fields_ = [("F", ctypes.c_long), ("H", ctypes.c_long), ("H_kv", ctypes.c_long), ("D", ctypes.c_long),
+                ("eps", ctypes.c_double), ("scale", ctypes.c_float), ("g1", ctypes.c_void_p), ("g2", ctypes.c_void_p),
+                ("kernels", ctypes.c_void_p * 4), ("mats", ctypes.c_void_p * 16)]
+
+
+class BlockPlan:
+    """One TransformerBlock's LayerPlan (`struct`; None where fused.c does not compute the
+    block), made once: made on every call, in Python, these arguments cost 50-80 us a layer, a
+    quarter of int8's decoding step (README, "A run of layers in one call"). It holds while
+    nothing it was made from changes: no module, parameter or buffer assigned anywhere
+    (PyTorch's registration hooks bump `_generation`), every tensor at its address (`t.data =
+    ...`, as checkpoint.in_huge_pages does, gives another), the norms' eps the same."""
+
+    def __init__(self, blk):
+        self.generation, self.struct = _generation, None
+        self.tensors, self.addresses, self.floats, self.norms, self.eps = [], [], [], (), None
+        # the modules and weights through nn.Module's dicts: its attribute lookup costs 1.4 us on
+        # the Intel Xeon
+        att, ffn = blk._modules["attention"], blk._modules["feed_forward"]
+        n1, n2 = blk._modules["attention_norm"], blk._modules["ffn_norm"]
+        kernels, arrays, floats = [], [], [n1._parameters["weight"], n2._parameters["weight"]]
+        for m in (att._modules["wqkv"], att._modules["wo"], ffn._modules["w13"], ffn._modules["w2"]):
+            found = _matrix(m)
+            if found is None:
+                return
+            kernels.append(found[0])
+            arrays += found[1]
+            floats += found[2]
+        self.floats = [t for t in floats if t is not None]
+        self.tensors = [t for t in arrays if t is not None] + self.floats
+        self.addresses = [t.data_ptr() for t in self.tensors]
+        self.norms, self.eps = (n1, n2), n1.eps
+        if n1.eps != n2.eps or not all(_float32_cpu(t) for t in self.floats):
+            return
+        self.struct = LayerPlan(ffn.ffn_dim, att.H, att.H_kv, att.D, n1.eps, att.D ** -0.5, self.floats[0].data_ptr(),
+                                self.floats[1].data_ptr(), (ctypes.c_void_p * 4)(*kernels),
+                                (ctypes.c_void_p * 16)(*(0 if a is None else a.data_ptr() for a in arrays)))
+
+    def current(self):
+        """Whether nothing it was made from has changed."""
+        return (self.generation == _generation and all(n.eps == self.eps for n in self.norms)
+                and list(map(_address, self.tensors)) == self.addresses)
+
+
+class ModelPlan:
+    """Every layer's BlockPlan, their LayerPlans side by side for layers() (a run of layers is a
+    pointer into the array), made once, as BlockPlan. Its checks read flat lists, a slice per
+    run: on every call they touch each weight once (about 10 us a layer, most of it fetching
+    the tensors' headers back into the cache after the weights streamed through it)."""
+
+    def __init__(self, model):
+        self.generation = _generation
+        self.blocks = [_plans[b] if b in _plans and _plans[b].current() else BlockPlan(b) for b in model.layers]
+        for b, p in zip(model.layers, self.blocks):
+            _plans[b] = p
+        self.array = (LayerPlan * len(self.blocks))(*(p.struct or LayerPlan() for p in self.blocks))
+        # fused.c computes each block as its forward would: a plain TransformerBlock (not a
+        # subclass), fused.c able to, no forward hooks (two dicts a block, checked per call)
+        self.computed = [p.struct is not None and type(b) is _block_class() for b, p in zip(model.layers, self.blocks)]
+        self.hooks = [d for b in model.layers for d in (b._forward_hooks, b._forward_pre_hooks)]
+        self.floats = [t for p in self.blocks for t in p.floats]
+        self.norms = [n for p in self.blocks for n in (p.norms or (None, None))]
+        self.eps = [None if n is None else n.eps for n in self.norms]
+        # every block's tensors in one list, block i's from bounds[i] on
+        self.tensors = [t for p in self.blocks for t in p.tensors]
+        self.addresses = [a for p in self.blocks for a in p.addresses]
+        self.bounds = [0]
+        for p in self.blocks:
+            self.bounds.append(self.bounds[-1] + len(p.tensors))
+
+    def current(self, start, end):
+        """BlockPlan.current() for layers start..end-1 at once"""
+        a, b = self.bounds[start], self.bounds[end]
+        return (self.generation == _generation and [getattr(n, "eps", None) for n in self.norms[2 * start:2 * end]]
+                == self.eps[2 * start:2 * end] and list(map(_address, self.tensors[a:b])) == self.addresses[a:b])
+
+    def computes(self, start, end):
+        """Whether layers() computes layers start..end-1 (see `computed`)"""
+        m = torch.nn.modules.module
+        return (all(self.computed[start:end]) and not any(self.hooks[2 * start:2 * end])
+                and not (getattr(m, "_global_forward_hooks", None) or getattr(m, "_global_forward_pre_hooks", None)))
+
+    def address(self, i):
+        return ctypes.addressof(self.array) + i * ctypes.sizeof(LayerPlan)
+
+
+def _runs_on(x, cos, sin, cache, floats):
+    """runs() for a call on rows x with weights `floats`: their dtype and place were checked when
+    the plan was made; whether they need gradients matters only while gradients are recorded"""
+    return runs(x, cos, sin, cache.k) and not (torch.is_grad_enabled() and any(t.requires_grad for t in floats))
+
+
+def _block_class():
+    from model import TransformerBlock
+    return TransformerBlock
+
+
+def _bump(*_):
+    global _generation
+    _generation += 1
+
+
+_address = torch.Tensor.data_ptr
+_plans = weakref.WeakKeyDictionary()        # TransformerBlock -> its BlockPlan, Transformer -> its ModelPlan
+_generation = 0
+for _register in (torch.nn.modules.module.register_module_module_registration_hook,
+                  torch.nn.modules.module.register_module_parameter_registration_hook,
+                  torch.nn.modules.module.register_module_buffer_registration_hook):
+    _register(_bump)
 
 
 def head_check(heads, layer, h):

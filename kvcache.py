@@ -42,6 +42,15 @@ class KVCache:
         self.lengths[layer] = pos + T
         return self.layer_k[layer], self.layer_v[layer]
 
+    def claim_layers(self, start, end, pos, T):
+        """claim() for layers start..end-1, each checked before any is extended"""
+        for layer in range(start, end):
+            if pos != self.lengths[layer]:
+                raise ValueError(f"layer {layer}: writing at position {pos}, but it holds {self.lengths[layer]} entries")
+        if pos + T > self.max_len:
+            raise ValueError(f"KV cache overflow: layers {start}-{end - 1} need {pos + T} entries, allocated {self.max_len}")
+        self.lengths[start:end] = [pos + T] * (end - start)
+
     def truncate(self, length, layer=None):
         """Forget everything at positions >= length, in one layer or in all of them."""
         for l in range(len(self.lengths)) if layer is None else [layer]:

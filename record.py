@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from model import InputError, ROW_BY_ROW
+from model import InputError, ROW_BY_ROW, argmax
 from quantize import precision
 from simulate import Trace, replay
 
@@ -47,7 +47,7 @@ class Recorder:
                 start = l
                 if l in self.layers and a > 0:
                     rows[l] += self.heads.check_rows(l, h[0])
-            pred += m.logits(h[0, -1:] if a == 0 else h[0]).argmax(-1).tolist()   # pred[j]: the final layer's tokens[j]
+            pred += argmax(m.logits(h[0, -1:] if a == 0 else h[0])).tolist()   # pred[j]: the final layer's tokens[j]
         keep = next((j for j, (a, b) in enumerate(zip(pred, tokens)) if a != b), len(tokens))
         if keep < len(tokens) and regenerate:
             from adadecode import generate_greedy
@@ -114,7 +114,7 @@ def row_costs(model, heads, rows=(1, 2, 3, 4, 5, 6), context=300, repeats=7):
             cost[r] = sorted(times[r])[len(times[r]) // 2] / L
         h = hs[rows[-1]]
         x, one = h[0, -1], h[:, -1:]
-        calls = [("logits", lambda i: m.logits(one).argmax(-1).tolist())]
+        calls = [("logits", lambda i: argmax(m.logits(one)).tolist())]
         if heads is not None:
             calls.append(("check", lambda i: heads.check(heads.layers[i % len(heads.layers)], x)))
         for name, fn in calls:               # each ends in a host transfer, so the device has finished

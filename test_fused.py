@@ -172,17 +172,107 @@ def test_a_block_in_one_call_is_its_steps(arch, int8, rows, pos, seed):
     h = torch.randn(1, pos + rows, 32, generator=torch.Generator().manual_seed(seed))
     outs = []
     with torch.inference_mode():
-        for whole in (True, False):
+        for run, one in ((True, True), (False, True), (False, False)):   # all layers in one call, block by block, steps
             cache = net.new_cache(pos + rows)
             net.run_layers(h[:, :pos], 0, cache) if pos else None
-            with mock.patch.object(fused, "block", fused.block if whole else lambda *a: None):   # None: the steps
+            with mock.patch.object(fused, "layers", fused.layers if run else lambda *a: None), \
+                    mock.patch.object(fused, "block", fused.block if one else lambda *a: None):   # None: not in C
                 outs.append((net.run_layers(h[:, pos:], pos, cache), cache.k.clone(), cache.v.clone()))
         assert fused.block(net.layers[0], h[:, :1], 0, net.new_cache(1), 0, net.rope_cos[:1, None].clone(),
                            net.rope_sin[:1, None].clone()) is not None
         net.layers[0].feed_forward.w2 = torch.nn.Linear(48, 32, bias=False)     # not model.Linear: the steps run
         assert fused.block(net.layers[0], h[:, :1], 0, net.new_cache(1), 0, net.rope_cos[:1, None].clone(),
                            net.rope_sin[:1, None].clone()) is None
-    assert all(torch.equal(a, b) for a, b in zip(*outs))
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(*outs))
+
+
+def test_a_run_of_layers_in_one_call():
+    """fused.layers, the blocks of model.run_layers in one C call, gives block() by block()'s
+    bits for any run of layers and rows, and the cache's lengths; where it cannot (a block
+    with a forward hook, or of a subclass with its own forward), the blocks' forwards run."""
+    net = quantize_int8(random_llama(3, dtype=torch.float32, n_layers=4, n_heads=4, n_kv_heads=2, dim=32, ffn=48,
+                                     max_pos=64))
+    h = torch.randn(1, 20, 32, generator=torch.Generator().manual_seed(0))
+    for start, end, rows in ((0, 4, 1), (1, 3, 5), (2, 3, 2), (3, 4, ROW_BY_ROW)):
+        outs = []
+        with torch.inference_mode():
+            for run in (True, False):
+                cache = net.new_cache(20)
+                net.run_layers(h[:, :12], 0, cache)
+                cache.truncate(12, None)
+                with mock.patch.object(fused, "layers", fused.layers if run else lambda *a: None):
+                    outs.append((net.run_layers(h[:, 12:12 + rows], 12, cache, start, end), cache.k.clone(),
+                                 cache.v.clone(), list(cache.lengths)))
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+        assert torch.equal(outs[0][2], outs[1][2]) and outs[0][3] == outs[1][3]
+    seen = []
+    net.layers[2].register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    with torch.inference_mode():
+        assert fused.layers(net, h[:, 12:13], 12, net.new_cache(20), 0, 4, net.rope_cos[12:13, None].clone(),
+                            net.rope_sin[12:13, None].clone()) is None
+        cache = net.new_cache(20)
+        net.run_layers(h[:, :13], 0, cache)
+        net.run_layers(h[:, 13:14], 13, cache)
+    assert seen == [(1, 13, 32), (1, 1, 32)]
+
+
+def test_the_arguments_made_once_follow_the_model():
+    """The C arguments fused.py keeps per block (its weights' addresses) are made again
+    whenever the model changes under them: a weight moved (`.data =`, as in_huge_pages does),
+    a parameter or a module assigned, a norm's eps set; a weight changed in place needs
+    nothing. After each change the output is what a model built that way from the start
+    gives."""
+    torch.manual_seed(0)
+    net = random_llama(4, dtype=torch.float32, n_layers=2, n_heads=4, n_kv_heads=2, dim=32, ffn=48, max_pos=64)
+    h = torch.randn(1, 9, 32, generator=torch.Generator().manual_seed(1))
+
+    def decode():
+        with torch.inference_mode():
+            cache = net.new_cache(9)
+            net.run_layers(h[:, :8], 0, cache)
+            return net.run_layers(h[:, 8:], 8, cache)
+
+    def fresh():                     # the same model, no plan kept: what the output must be
+        fused._plans.clear()
+        return decode()
+
+    blk = net.layers[1]
+    changes = [lambda: setattr(blk.attention.wo.weight, "data", torch.randn(32, 32)),
+               lambda: blk.feed_forward.w2.weight.mul_(2),
+               lambda: setattr(blk.feed_forward.w13, "weight", torch.nn.Parameter(torch.randn(96, 32),
+                                                                                  requires_grad=False)),
+               lambda: setattr(blk.attention, "wqkv", Linear(32, 64, bias=False).requires_grad_(False)),
+               lambda: (setattr(blk.attention_norm, "eps", 0.5), setattr(blk.ffn_norm, "eps", 0.5))]
+    before = decode()
+    for change in changes:
+        change()
+        got = decode()
+        assert not torch.equal(got, before) and torch.equal(got, fresh())
+        before = got
+
+
+@given(rows=st.integers(1, 5), n=st.one_of(st.integers(1, 70), st.integers(1000, 1100)), seed=st.integers(0, 10**6),
+       kind=st.sampled_from(["plain", "ties", "nan", "inf", "-inf only", "zeros of both signs"]))
+def test_argmax_is_torchs(rows, n, seed, kind):
+    """fused.argmax gives torch.argmax's index in every row: the first maximum (ties, +0 and -0
+    equal), the first NaN where there is one, 0 where every value is -inf; any length, not
+    only multiples of the vector width."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n, generator=g)
+    pick = torch.rand(rows, n, generator=g) < 0.1
+    if kind == "ties":
+        x = x.round()
+    elif kind == "nan":
+        x[pick] = float("nan")
+    elif kind == "inf":
+        x[pick] = float("inf")
+    elif kind == "-inf only":
+        x[:] = -float("inf")
+    elif kind == "zeros of both signs":
+        x = torch.where(pick, -0.0, 0.0) * 1.0
+    with torch.inference_mode():
+        assert torch.equal(fused.argmax(x), x.argmax(-1))
+        assert torch.equal(model.argmax(x[None]), x[None].argmax(-1))          # the call sites' helper
 
 
 def test_silu_and_its_exp_over_the_whole_float_range():
