@@ -88,7 +88,7 @@ def runs(*tensors):
     if not enabled or torch.compiler.is_compiling():
         return False
     grad = torch.is_grad_enabled()
-    for t in tensors:       # (is_cpu, not device.type: this runs 9 times a layer, and that costs 0.8 us)
+    for t in tensors:       # (is_cpu, not device.type: 0.8 us less a call)
         if t is None:
             continue
         if not _float32_cpu(t) or (grad and t.requires_grad):
