@@ -35,11 +35,7 @@ class KVCache:
     def claim(self, layer, pos, T):
         """Extend `layer` by positions pos..pos+T-1, which the caller then writes; return its
         whole (B, H_kv, max_len, D) buffers (fused.attention writes them in C)."""
-        if pos != self.lengths[layer]:
-            raise ValueError(f"layer {layer}: writing at position {pos}, but it holds {self.lengths[layer]} entries")
-        if pos + T > self.max_len:
-            raise ValueError(f"KV cache overflow: layer {layer} needs {pos + T} entries, allocated {self.max_len}")
-        self.lengths[layer] = pos + T
+        self.claim_layers(layer, layer + 1, pos, T)
         return self.layer_k[layer], self.layer_v[layer]
 
     def claim_layers(self, start, end, pos, T):
@@ -48,7 +44,8 @@ class KVCache:
             if pos != self.lengths[layer]:
                 raise ValueError(f"layer {layer}: writing at position {pos}, but it holds {self.lengths[layer]} entries")
         if pos + T > self.max_len:
-            raise ValueError(f"KV cache overflow: layers {start}-{end - 1} need {pos + T} entries, allocated {self.max_len}")
+            which = f"layer {start} needs" if end == start + 1 else f"layers {start}-{end - 1} need"
+            raise ValueError(f"KV cache overflow: {which} {pos + T} entries, allocated {self.max_len}")
         self.lengths[start:end] = [pos + T] * (end - start)
 
     def truncate(self, length, layer=None):
