@@ -53,6 +53,7 @@ static inline float exp_f(float x) {
 typedef float lanes __attribute__((vector_size(LANES * sizeof(float))));
 typedef float half_lanes __attribute__((vector_size(LANES / 2 * sizeof(float))));
 typedef float quarter_lanes __attribute__((vector_size(LANES / 4 * sizeof(float))));
+typedef int32_t int_lanes __attribute__((vector_size(LANES * sizeof(int32_t))));
 
 /* the LANES partial sums added pairwise, halves onto halves: a fixed order, in a few vector adds */
 static inline float lanes_sum(lanes acc) {
@@ -177,42 +178,112 @@ void add_rms_norm(const float *x, const float *y, const float *w, double eps, fl
     }
 }
 
-/* One head's attention from its n scores p (overwritten): softmax(p * scale) . V, V (n, D),
- * into o: the maximum, exp, their sum, the values weighted and summed key by key, one division
- * at the end. */
-static void softmax_values(float *p, long n, const float *V, long D, float scale, float *o) {
-    float mx = -INFINITY, m4[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};  /* 4 chains: a maximum is exact in any order */
-    for (long j = 0; j < n; j++) {
-        p[j] *= scale;
-        m4[j % 4] = p[j] > m4[j % 4] ? p[j] : m4[j % 4];
+/* a * b + c in each lane with one rounding (C's fmaf): the same bits on every CPU and
+ * compiler, one vector instruction where the CPU has fused multiply-adds */
+static inline __attribute__((always_inline)) lanes fma_lanes(lanes a, lanes b, lanes c) {
+    lanes r;
+    for (int l = 0; l < LANES; l++) r[l] = __builtin_fmaf(a[l], b[l], c[l]);
+    return r;
+}
+
+static inline lanes splat(float x) {
+    lanes v;
+    for (int l = 0; l < LANES; l++) v[l] = x;
+    return v;
+}
+
+/* Sums across lanes for 16 vectors at once (LANES is 16): each step adds pairs of lanes that
+ * belong to the same vector and packs two vectors' halves into one. fold8(a, b) is
+ * [a[i] + a[i+8] (8 lanes), b[i] + b[i+8] (8 lanes)], fold4 does the same on 4-lane groups,
+ * and so on; after four steps lane r holds vector r's sum, always added in the same order. */
+_Static_assert(LANES == 16, "fold8 ... fold1 and dot16 are written for 16 lanes");
+#define PICK(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+static inline lanes fold8(lanes a, lanes b) {
+    return PICK(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           PICK(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+}
+static inline lanes fold4(lanes a, lanes b) {
+    return PICK(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           PICK(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+}
+static inline lanes fold2(lanes a, lanes b) {
+    return PICK(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           PICK(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+}
+static inline lanes fold1(lanes a, lanes b) {
+    return PICK(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+           PICK(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+/* q . k[r] for 16 keys k[r] (ld floats apart) at once, n (a multiple of LANES) floats each:
+ * per key, LANES partial sums of fused multiply-adds, then fold's sums across lanes, so a
+ * score costs about 7 vector operations instead of a dot product's 8 and its lanes_sum's 8.
+ * Lane r of the result is key r's score. */
+static inline __attribute__((always_inline)) lanes dot16(const float *q, const float *k, long ld, long n) {
+    lanes acc[16], f8[8], f4[4];
+    #pragma GCC unroll 16
+    for (int r = 0; r < 16; r++) acc[r] = (lanes){0};
+    for (long i = 0; i < n; i += LANES) {
+        lanes qi = load(q + i);
+        const float *kr = k + i;
+        #pragma GCC unroll 16                 /* the 16 sums stay in registers */
+        for (int r = 0; r < 16; r++, kr += ld) acc[r] = fma_lanes(qi, load(kr), acc[r]);
     }
-    for (int r = 0; r < 4; r++) mx = m4[r] > mx ? m4[r] : mx;
+    for (int r = 0; r < 8; r++) f8[r] = fold8(acc[2 * r], acc[2 * r + 1]);
+    for (int r = 0; r < 4; r++) f4[r] = fold4(f8[2 * r], f8[2 * r + 1]);
+    return fold1(fold2(f4[0], f4[1]), fold2(f4[2], f4[3]));
+}
+
+/* One head's attention from its n scaled scores p (overwritten): softmax(p) . V, V (n, D),
+ * into o: the maximum, exp, their sum, the values weighted and summed key by key (fused
+ * multiply-adds), one division at the end. */
+static void softmax_values(float *p, long n, const float *V, long D, float *o) {
+    float mx = -INFINITY;                   /* a maximum is exact in any order; NaNs are passed over */
+    long j = 0;
+    if (n >= LANES) {
+        lanes m = load(p);
+        for (j = LANES; j + LANES <= n; j += LANES) {
+            lanes x = load(p + j);
+            int_lanes more = x > m;
+            m = (lanes)(((int_lanes)x & more) | ((int_lanes)m & ~more));
+        }
+        for (int l = 0; l < LANES; l++) mx = m[l] > mx ? m[l] : mx;
+    }
+    for (; j < n; j++) mx = p[j] > mx ? p[j] : mx;
     if (mx != mx || mx == INFINITY || mx == -INFINITY) mx = 0;    /* NaN or inf scores propagate below */
-    for (long j = 0; j < n; j++) p[j] = exp_f(p[j] - mx);
+    for (j = 0; j < n; j++) p[j] = exp_f(p[j] - mx);
     float total = sum(p, n);
-    /* the values weighted and summed key by key, in order; 4 * LANES outputs at a time in
-     * registers (4 chains of additions for the CPU to overlap), then LANES, then one */
+    /* 4 * LANES outputs at a time in registers (4 chains for the CPU to overlap), then LANES, then one */
     long d = 0;
     for (; d + 4 * LANES <= D; d += 4 * LANES) {
-        lanes acc[4] = {{0}};
-        for (long j = 0; j < n; j++)
-            for (int c = 0; c < 4; c++) acc[c] += p[j] * load(V + j * D + d + c * LANES);
+        lanes acc[2][4] = {{{0}}};             /* even keys' sums and odd keys', 8 chains in all */
+        for (j = 0; j < n; j++) {
+            lanes pj = splat(p[j]);
+            const float *vj = V + j * D + d;
+            #pragma GCC unroll 4
+            for (int c = 0; c < 4; c++) acc[0][c] = fma_lanes(pj, load(vj + c * LANES), acc[0][c]);
+            if (++j == n) break;
+            pj = splat(p[j]);
+            vj += D;
+            #pragma GCC unroll 4
+            for (int c = 0; c < 4; c++) acc[1][c] = fma_lanes(pj, load(vj + c * LANES), acc[1][c]);
+        }
         for (int c = 0; c < 4; c++) {
-            lanes y = acc[c] / total;
+            lanes y = (acc[0][c] + acc[1][c]) / total;
             memcpy(o + d + c * LANES, &y, sizeof y);
         }
     }
     for (; d + LANES <= D; d += LANES) {
         lanes acc = {0};
-        for (long j = 0; j < n; j++)
-            acc += p[j] * load(V + j * D + d);
+        for (j = 0; j < n; j++)
+            acc = fma_lanes(splat(p[j]), load(V + j * D + d), acc);
         acc /= total;
         memcpy(o + d, &acc, sizeof acc);
     }
     for (; d < D; d++) {
         float acc = 0;
-        for (long j = 0; j < n; j++)
-            acc += p[j] * V[j * D + d];
+        for (j = 0; j < n; j++)
+            acc = __builtin_fmaf(p[j], V[j * D + d], acc);
         o[d] = acc / total;
     }
 }
@@ -223,8 +294,8 @@ static void softmax_values(float *p, long n, const float *V, long D, float scale
  * k (x * cos + roll(x, D/2) * sin; `sin` carries the half-rotation's sign: model.py,
  * Transformer.new_cache), k and v written into the layer's cache k, v (H_kv, S, D), heads
  * kv_stride floats apart, at positions pos+t, q into `out` (T, H, D). Then every (row, head)
- * alone: softmax(q.k * scale) . v over the row's keys, query head h reading KV head
- * h / (H / H_kv) (softmax_values), over `out`'s q. */
+ * alone: softmax(q.k * scale) . v over the row's keys (dot16, softmax_values), query head h
+ * reading KV head h / (H / H_kv), over `out`'s q. */
 void attention(const float *qkv, long stride, const float *cos, const float *sin, float *k, float *v,
                long kv_stride, float *out, long T, long H, long H_kv, long D, long pos, float scale) {
     long half = D / 2, G = H / H_kv;
@@ -239,12 +310,12 @@ void attention(const float *qkv, long stride, const float *cos, const float *sin
         for (long h = 0; h < H_kv; h++)
             memcpy(v + h * kv_stride + (pos + t) * D, row + (H + H_kv + h) * D, D * sizeof(float));
     }
-    /* The scores, then each (row, head) alone. Every score is dot's sum, whichever thread
-     * computes it, so the work is cut to keep both threads busy: first blocks of 64 keys for
-     * a KV head's G query heads (up to 4 at a time: each key read once for them), then, after
-     * the threads meet, each head's softmax and values. Two threads pay off from a few
-     * hundred keys on (an OpenMP region costs a few us). */
-    long S = pos + T, blocks = (S + 63) / 64;
+    /* The scores, then each (row, head) alone. A key's score is dot16's sum whichever call,
+     * thread or block of keys computes it, so the work is cut to keep both threads busy:
+     * first blocks of 64 keys for a KV head's G query heads (16 keys at a time, read once for
+     * the G heads), then, after the threads meet, each head's softmax and values. Two threads
+     * pay off from a few hundred keys on (an OpenMP region costs a few us). */
+    long S = pos + T, blocks = (S + 63) / 64, Dp = (D + LANES - 1) / LANES * LANES;
     float *P = malloc(T * H * S * sizeof(float));   /* row t, head h's scores at P + (t * H + h) * S */
     if (!P) {                                       /* no memory: NaN rows, not a crash */
         for (long i = 0; i < T * H * D; i++) out[i] = NAN;
@@ -252,29 +323,37 @@ void attention(const float *qkv, long stride, const float *cos, const float *sin
     }
     #pragma omp parallel if (T * H * S * D > 50000)
     {
+        /* where D is not a multiple of LANES, q and k are copied with zeros after them; so are
+         * the keys of a block of fewer than 16 (the row's last), for dot16 to read 16 */
+        float qpad[D == Dp ? 1 : G * Dp], kpad[16 * Dp];
         #pragma omp for schedule(static)
         for (long item = 0; item < T * H_kv * blocks; item++) {
             long t = item / (H_kv * blocks), g = item / blocks % H_kv, j = item % blocks * 64, n = pos + t + 1;
             long end = j + 64 < n ? j + 64 : n;
             const float *K = k + g * kv_stride, *q = out + (t * H + g * G) * D;   /* the group's heads: adjacent */
             float *p = P + (t * H + g * G) * S;
-            for (long c = 0; c < G; c += 4) {
-                long i = j;
-                for (; i + 4 <= end; i += 4) {
-                    switch (G - c) {    /* a constant number of heads for each dot4 (its sums in registers) */
-                    case 1:  dot4(q + c * D, D, 1, K + i * D, D, p + c * S + i, S, NULL); break;
-                    case 2:  dot4(q + c * D, D, 2, K + i * D, D, p + c * S + i, S, NULL); break;
-                    case 3:  dot4(q + c * D, D, 3, K + i * D, D, p + c * S + i, S, NULL); break;
-                    default: dot4(q + c * D, D, 4, K + i * D, D, p + c * S + i, S, NULL);
-                    }
+            if (D != Dp) {
+                memset(qpad, 0, G * Dp * sizeof(float));
+                for (long c = 0; c < G; c++) memcpy(qpad + c * Dp, q + c * D, D * sizeof(float));
+                q = qpad;
+            }
+            for (long i = j; i < end; i += 16) {
+                long keys = end - i < 16 ? end - i : 16;
+                const float *kb = K + i * D;
+                if (keys < 16 || D != Dp) {
+                    memset(kpad, 0, 16 * Dp * sizeof(float));
+                    for (long r = 0; r < keys; r++) memcpy(kpad + r * Dp, K + (i + r) * D, D * sizeof(float));
+                    kb = kpad;
                 }
-                for (; i < end; i++)
-                    for (long r = c; r < G && r < c + 4; r++) p[r * S + i] = dot(q + r * D, K + i * D, D);
+                for (long c = 0; c < G; c++) {
+                    lanes s = dot16(q + c * Dp, kb, kb == kpad ? Dp : D, Dp) * scale;
+                    memcpy(p + c * S + i, &s, keys * sizeof(float));
+                }
             }
         }
         #pragma omp for schedule(static)
         for (long th = 0; th < T * H; th++)
-            softmax_values(P + th * S, pos + th / H + 1, v + (th % H / G) * kv_stride, D, scale, out + th * D);
+            softmax_values(P + th * S, pos + th / H + 1, v + (th % H / G) * kv_stride, D, out + th * D);
     }
     free(P);
 }
@@ -291,8 +370,6 @@ void silu_mul(const float *gu, float *out, long M, long F) {
  * and the first NaN where there is one, as torch.argmax. PyTorch's CPU argmax compares one
  * element at a time (about 116 us over the default model's 49,152 logits on the Intel Xeon);
  * this keeps LANES running maxima and where each was first seen, then takes the largest. */
-typedef int32_t int_lanes __attribute__((vector_size(LANES * sizeof(int32_t))));
-
 void argmax_rows(const float *x, long M, long N, long *out) {
     for (long m = 0; m < M; m++, x += N) {
         float best = -INFINITY;
