@@ -17,6 +17,9 @@
  * AdaDecode's bitwise guarantee rests on. Built with -ffp-contract=off: the rotary
  * step then gives PyTorch's bits exactly (two products, one sum, each rounded), as does the
  * residual add, and no result depends on whether the compiler chose to fuse a multiply-add.
+ * Attention fuses them where it means to, with C's fmaf (fma_lanes), which rounds once on
+ * every CPU, so a build for another CPU, or without OpenMP, gives the same bits (test_fused.py
+ * checks attention and the linear layer from a plain x86-64 build against this CPU's).
  */
 #include <math.h>
 #include <stdint.h>

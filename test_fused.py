@@ -133,6 +133,27 @@ def test_decoding_attention(H_kv, G, D, pos, T, scale, seed):
         f"attention in C is {ours:.2e} from float64, PyTorch's kernel {theirs:.2e}"
 
 
+def test_the_same_bits_from_any_build(tmp_path):
+    """fused.c's sums are in a fixed order and its multiply-adds are C's fmaf (one rounding by
+    definition), so a build for a plain x86-64 or any other CPU, without OpenMP, gives the bits
+    of this CPU's build: attention (16-key scores, fused multiply-adds) and the linear layer."""
+    path, why = cbuild.build(fused.SOURCE, tries=[[]], folder=tmp_path)
+    assert path is not None, why
+    plain, native = fused.load(path), fused.library()
+    g = torch.Generator().manual_seed(0)
+    for D, G, pos, T in ((64, 3, 300, 1), (64, 3, 37, 7), (24, 2, 5, 3), (128, 1, 100, 2), (80, 4, 16, 4)):
+        qkv = data(g, 1, T, (2 * G + 4) * D, scale=3.0)
+        cos, sin = rotary_table(g, T, D)
+        k, v = data(g, 1, 2, pos + T + 4, D), data(g, 1, 2, pos + T + 4, D)
+        x, w = data(g, T, 1100), data(g, 41, 1100)
+        outs = []
+        for lib in (native, plain):
+            with mock.patch.object(fused, "_lib", lib):
+                kc, vc = k.clone(), v.clone()
+                outs.append((fused.attention(qkv, cos, sin, kc, vc, pos, 2 * G, 2), kc, vc, fused.linear(x, w, None)))
+        assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
 @given(rows=st.integers(2, 9), pos=st.integers(0, 200), G=st.integers(1, 9), seed=st.integers(0, 10**6))
 def test_each_row_is_computed_alone(rows, pos, G, seed):
     """A row's bits do not depend on the other rows in its call: one call on `rows` decoding
