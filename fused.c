@@ -351,7 +351,10 @@ void attention(const float *qkv, long stride, const float *cos, const float *sin
                 }
                 for (long c = 0; c < G; c++) {
                     lanes s = dot16(q + c * Dp, kb, kb == kpad ? Dp : D, Dp) * scale;
-                    memcpy(p + c * S + i, &s, keys * sizeof(float));
+                    if (keys == 16)                /* one vector store (a copy of `keys` floats is a slow rep movs) */
+                        memcpy(p + c * S + i, &s, sizeof s);
+                    else
+                        memcpy(p + c * S + i, &s, keys * sizeof(float));
                 }
             }
         }
