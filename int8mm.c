@@ -216,7 +216,7 @@ int int8mm(const float *x, const int8_t *wp, const int32_t *wsum, const float *s
         free(q); free(s); free(finite);
         return 1;
     }
-    for (long m = 0; m < M; m++) finite[m] = split_row(x + m * K, K, Kp, q + 2 * m * Kp, s + 2 * m);
+    if (M == 1) finite[0] = split_row(x, K, Kp, q, s);      /* one row: here, with no barrier to wait at */
     int amx = use_amx();
     (void)amx;
     #pragma omp parallel
@@ -224,6 +224,10 @@ int int8mm(const float *x, const int8_t *wp, const int32_t *wsum, const float *s
 #ifdef AMX
         if (amx) tiles_on();
 #endif
+        if (M > 1) {                         /* several rows: the threads split them (each row alone) */
+            #pragma omp for schedule(static)
+            for (long m = 0; m < M; m++) finite[m] = split_row(x + m * K, K, Kp, q + 2 * m * Kp, s + 2 * m);
+        }
         int32_t d[2 * ROWS][16], pad[16];
         #pragma omp for schedule(static)
         for (long t = 0; t < tiles; t++) {
