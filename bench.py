@@ -350,7 +350,9 @@ def report(b, rows, trace, op_counts, warm_up_seconds, per_method, probes):
     print(f"\nread bandwidth, median of {len(probes)} probe{'s (one before each prompt)' if len(probes) > 1 else ''}: "
           + ", ".join(f"{k} {v:.1f} GB/s" for k, v in readers.items())
           + ("; the floors below use the faster" if len(readers) > 1 else ""))
-    floors = {dt: floor_report(dt, b.engines[dt][0], summary[label(dt, "greedy", None)], bw, a.device)
+    floors = {dt: floor_report(dt, b.engines[dt][0], summary[label(dt, "greedy", None)], bw, a.device,
+                               b.engines[dt][1], {label(d, m, t): summary[label(d, m, t)] for d, m, t in b.runs
+                                                  if d == dt and m != "greedy"})
               for dt in dtypes}
     agreement = None
     if len(dtypes) > 1:

@@ -137,6 +137,14 @@ class ExitHeads(nn.Module):
         entropy = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
         return torch.stack([j[..., 0].to(z.dtype), p[..., 0], p2, entropy, lse], dim=-1)
 
+    def check_weights(self):
+        """What one check reads (modules and tensors): the transform, the residual block where
+        there is one, and the projection it scores with (the shortlist's rows, or the LM head)."""
+        parts = [self._T8[0] if self._T8 else self.T[0], self._frozen[1] if self.shortlist is None else self._short_out[0]]
+        if self.W is not None:
+            parts.append(self._W8[0] if self._W8 else self.W[0])
+        return parts
+
     def _guess(self, f):
         j = int(f[0])
         return Guess(j if self._short_ids is None else self._short_ids[j], *f[1:])

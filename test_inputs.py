@@ -585,8 +585,10 @@ def test_bench_refuses_before_the_long_work(tmp_path, argv, message, capsys, mon
 
 def test_bench_repeats_keep_the_median_and_check_parity_on_every_run(tiny, tmp_path, monkeypatch):
     """--repeats times each prompt and method again (the order turned), keeps the median, and
-    a repeat whose output departs from greedy's marks the row: parity is checked on every run."""
+    a repeat whose output departs from greedy's marks the row: parity is checked on every run.
+    Each method's own floor is reported beside greedy's."""
     import bench
+    from report import method_bytes_per_token
     model = load_model(tiny, dtype=torch.float32)
     ExitHeads(model, [1, 2]).save(tmp_path / "h.safetensors")
     (tmp_path / "p.jsonl").write_text('{"prompt": "Say hi.", "category": "a"}\n{"prompt": "Count to 3.", "category": "b"}\n')
@@ -610,6 +612,13 @@ def test_bench_repeats_keep_the_median_and_check_parity_on_every_run(tiny, tmp_p
         (0, "greedy", True), (0, "ada", False), (1, "greedy", True), (1, "ada", True)]
     assert rows[1]["divergence"]["index"] == rows[1]["n_tokens"] - 1
     assert calls[4:10] == ["greedy", "ada", "ada", "greedy", "greedy", "ada"]   # prompt 0's three runs: the order turns
+    result = json.loads((tmp_path / "b" / "results.json").read_text())
+    floor, ada = result["per_dtype"]["float32"], result["summary"]["ada@0.3"]
+    assert floor["working_set_read_gb_s"] > 0                   # a buffer the size of the weights, read after the runs
+    own = floor["methods"]["ada@0.3"]                            # AdaDecode's own floor, from its counts
+    assert own["weight_bytes_per_token"] == pytest.approx(method_bytes_per_token(model, ExitHeads.load(
+        tmp_path / "h.safetensors", model), ada)) and ada["layer_calls_per_token"] > 0
+    assert own["fraction_of_floor"] == pytest.approx(ada["tokens_per_second"] / own["floor_tokens_per_second"])
 
 
 def test_bench_row_cost_writes_its_table_and_plot(tiny, tmp_path, monkeypatch):
@@ -646,6 +655,31 @@ def test_outputs_ending_in_a_loop_are_found_and_left_out_of_the_second_speedup()
     assert s["tokens_per_second"] == pytest.approx(347 / 3.5) and s["speedup"] == pytest.approx((347 / 3.5) / (347 / 7.0))
     assert s["looping_prompts"] == 1 and s["speedup_without_loops"] == pytest.approx((148 / 2.5) / (148 / 3.0))
     assert summarise(rows[4:])["ada"]["speedup_without_loops"] is None   # every output loops
+
+
+@pytest.mark.parametrize("int8,shortlist", [(False, None), (True, None), (True, [3, 5, 8])])
+def test_a_method_reads_a_layer_per_layer_call_the_lm_head_per_verification_and_a_head_per_check(int8, shortlist):
+    """The weights a method reads per token, from its counts: greedy's counts (every layer
+    once, one LM head) give greedy's bytes less the final norm; each count adds its own part;
+    a check reads its transform, its residual block and its projection, in the model's dtype."""
+    from quantize import quantize_int8
+    from report import method_bytes_per_token, tensor_bytes, weight_bytes_per_token
+    model = random_llama(0, dtype=torch.float32)
+    if int8:
+        quantize_int8(model)
+    heads = ExitHeads(model, [1, 3], residual=True).set_shortlist(shortlist)
+    L, dim, V = model.args.n_layers, model.args.dim, model.args.vocab_size
+    count = lambda calls, ver, checks: method_bytes_per_token(model, heads, {
+        "layer_calls_per_token": calls, "verifications_per_token": ver, "head_checks_per_token": checks})
+    layer = tensor_bytes(model.layers[0])
+    rest = tensor_bytes(model.norm, *model.buffers(recurse=False)) + dim * 4    # and one embedding row (untied)
+    assert count(L, 1, 0) == weight_bytes_per_token(model) - rest
+    assert count(L + 3, 1, 0) - count(L, 1, 0) == 3 * layer
+    assert count(L, 2.5, 0) - count(L, 1, 0) == 1.5 * tensor_bytes(model.output)
+    rows = V if shortlist is None else len(shortlist)
+    # int8: a byte a weight (int8mm's packing pads to tiles of 16 x 64), a float32 scale and an int32 row sum an output
+    one_matrix = lambda n: -(-n // 16) * 16 * -(-dim // 64) * 64 + 8 * n if int8 else n * dim * 4
+    assert count(L, 1, 2) - count(L, 1, 0) == 2 * (2 * one_matrix(dim) + one_matrix(rows))
 
 
 def test_bench_refuses_to_time_outputs_that_end_at_their_first_token(tiny, tmp_path, monkeypatch, capsys):
