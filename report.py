@@ -229,8 +229,9 @@ def floor_report(dt, model, greedy, bw, device, heads=None, others=None):
     # The same read over a buffer the size of the weights a token reads: where the CPU's last-level
     # cache can hold that much (the int8 model's 136 MB in this Intel Xeon's 300 MB L3, when the
     # VM's neighbours leave it room), it reads faster than the 1 GiB probe and greedy can pass
-    # the floor above. Measured here, after the runs.
-    ws = max(read_bandwidths(device, gib=max(wbytes, 2**20) / 2**30).values())
+    # the floor above. Measured here, after the runs; past 1 GiB no cache holds it (the probe's
+    # own size), and a second copy of a large model's size is not allocated.
+    ws = max(read_bandwidths(device, gib=max(wbytes, 2**20) / 2**30).values()) if wbytes < 2**30 else bw
     floor["working_set_read_gb_s"] = ws
     print(f"{dt}: a buffer of those {wbytes / 1e6:.0f} MB reads at {ws:.1f} GB/s (the 1 GiB probe's {bw:.1f}): "
           f"{'the caches hold much of it; ' if ws > 1.25 * bw else ''}by that floor greedy reaches "
