@@ -31,7 +31,7 @@ from cli import check_device, check_writable, default_device, read_prompts
 from model import InputError
 from quantize import precision
 from report import (ends_in_loop, floor_report, machine, peak_memory, plots, print_table, read_bandwidths,
-                    reset_peak_memory, row_cost_plot, summarise, write_csv, write_json)
+                    reset_peak_memory, row_cost_plot, summarise, working_set_read, write_csv, write_json)
 from train_data import CODE_REQUEST
 
 
@@ -301,26 +301,29 @@ def main(argv=None):
         op_counts, warm_up_seconds = warm_up(b)
         print(f"warm-up{' (torch.compile included)' if a.compile else ''}: {warm_up_seconds:.1f} s", file=sys.stderr)
         per_method = reset_peak_memory(a.device)       # False: the peak is the whole process's
-        rows, trace, probes = [], None, []
+        rows, trace, probes, sizes = [], None, [], []
         for i in tqdm(range(len(b.prompts)), desc="benchmark", unit="prompt"):
             # the read bandwidth before every prompt: this VM's speed moves 10-20% within a
             # run, and the floor should be measured over the same minutes as greedy (where
-            # each method's memory peak is its own, so that the probe's buffer does not count)
+            # each method's memory peak is its own, so that the probe's buffer does not count);
+            # and the read over a buffer of each dtype's weights, which the caches may hold
             if per_method:
                 probes.append(read_bandwidths(a.device, repeats=2))
+                sizes.append({dt: working_set_read(a.device, b.engines[dt][0], repeats=2) for dt in b.engines})
             prompt_rows, schedule = time_prompt(b, i, trace=i == 0)
             rows += prompt_rows
             trace = trace or schedule
-        report(b, rows, trace, op_counts, warm_up_seconds, per_method, probes)
+        report(b, rows, trace, op_counts, warm_up_seconds, per_method, probes, sizes)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
-def report(b, rows, trace, op_counts, warm_up_seconds, per_method, probes):
+def report(b, rows, trace, op_counts, warm_up_seconds, per_method, probes, sizes):
     """The summary tables, each dtype's floor (the read bandwidth: each reader's median over
-    `probes`, one before each prompt), the dtypes' agreement, divergences, memory; then
+    `probes`, one before each prompt; the read over a buffer of the weights' size, its median
+    over `sizes`), the dtypes' agreement, divergences, memory; then
     results.json, results.csv and the plots in --out, and one JSON line last."""
     a, dtypes, label = b.args, list(b.engines), b.label
     summary = summarise(rows)
@@ -334,6 +337,8 @@ def report(b, rows, trace, op_counts, warm_up_seconds, per_method, probes):
     mach = machine(a.device, ",".join(dtypes))
     mem = peak_memory(a.device) if not per_method else max(s["peak_memory_bytes"] for s in summary.values())
     probes = probes or [read_bandwidths(a.device)]       # after the runs, where the peak is the process's
+    sizes = sizes or [{dt: working_set_read(a.device, b.engines[dt][0]) for dt in dtypes}]
+    ws = {dt: None if sizes[0][dt] is None else statistics.median(s[dt] for s in sizes) for dt in dtypes}
     readers = {k: statistics.median(p[k] for p in probes) for k in probes[0]}
     bw = max(readers.values())
     print_table(summary, f"{len(b.prompts)} prompts x {a.max_new_tokens} new tokens, {mach['device']} {mach['dtype']}, "
@@ -352,7 +357,7 @@ def report(b, rows, trace, op_counts, warm_up_seconds, per_method, probes):
           + ("; the floors below use the faster" if len(readers) > 1 else ""))
     floors = {dt: floor_report(dt, b.engines[dt][0], summary[label(dt, "greedy", None)], bw, a.device,
                                b.engines[dt][1], {label(d, m, t): summary[label(d, m, t)] for d, m, t in b.runs
-                                                  if d == dt and m != "greedy"})
+                                                  if d == dt and m != "greedy"}, ws[dt])
               for dt in dtypes}
     agreement = None
     if len(dtypes) > 1:
@@ -372,7 +377,7 @@ def report(b, rows, trace, op_counts, warm_up_seconds, per_method, probes):
     model, heads, _ = b.engines[dtypes[0]]
     figs = plots(out, summary, trace, a.threshold or [], model.args.n_layers, heads.layers if heads else [])
     result = {"machine": mach, "args": vars(a), "summary": summary, "per_category": per_cat, "bandwidth_gb_s": bw,
-              "bandwidth_gb_s_by_reader": readers, "bandwidth_probes": probes, "warm_up_seconds": warm_up_seconds,
+              "bandwidth_gb_s_by_reader": readers, "bandwidth_probes": probes, "working_set_probes": sizes, "warm_up_seconds": warm_up_seconds,
               "per_dtype": floors, "dtype_agreement": agreement,
               "peak_memory_bytes": mem, "max_pending": b.pending, "heads": heads.meta if heads else None, "rows": rows}
     write_csv(out / "results.csv", rows)

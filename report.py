@@ -208,10 +208,21 @@ def print_table(summary, title):
                                             f(s["parity"], ".0%")]))
 
 
-def floor_report(dt, model, greedy, bw, device, heads=None, others=None):
+def working_set_read(device, model, repeats=5):
+    """The read bandwidth (GB/s, the faster reader) over a buffer the size of the weights a token
+    reads: where the CPU's last-level cache can hold that much (the int8 model's 136 MB in this
+    project's Intel Xeon's 300 MB L3, when the VM's neighbours leave it room), it reads faster
+    than read_bandwidths' 1 GiB, and greedy can pass the floor measured with that. None from
+    1 GiB on: no cache holds that much, and a large model's second copy is not allocated."""
+    wbytes = weight_bytes_per_token(model)
+    return max(read_bandwidths(device, gib=max(wbytes, 2**20) / 2**30, repeats=repeats).values()) if wbytes < 2**30 else None
+
+
+def floor_report(dt, model, greedy, bw, device, heads=None, others=None, ws=None):
     """dtype dt's memory-bandwidth floor (weights read per token / measured read bandwidth
     bw, GB/s) and greedy's share of it, printed and returned; with the float32 kernel chosen
-    at load, and on a GPU the launch-bound estimate from greedy's operator calls. `others`:
+    at load, and on a GPU the launch-bound estimate from greedy's operator calls. `ws`: the
+    read over a buffer the weights' size (working_set_read), and greedy's share by it. `others`:
     {label: summary} of the dtype's other methods, each with its own floor (the weights it
     reads per token, method_bytes_per_token) and its share of it: what a method loses beside
     its floor is time that is not reading weights (its extra rows' arithmetic, checks, Python),
@@ -226,16 +237,11 @@ def floor_report(dt, model, greedy, bw, device, heads=None, others=None):
           f"read bandwidth = {bw * 1e9 / wbytes:.1f} tok/s; greedy reaches {g:.1f} tok/s "
           f"({g / (bw * 1e9 / wbytes):.0%} of the floor); weights in memory {floor['weight_memory_bytes'] / 2**20:.0f} MiB"
           + ("" if huge is None else f", {huge / 2**20:.0f} MiB of them in huge pages"))
-    # The same read over a buffer the size of the weights a token reads: where the CPU's last-level
-    # cache can hold that much (the int8 model's 136 MB in this Intel Xeon's 300 MB L3, when the
-    # VM's neighbours leave it room), it reads faster than the 1 GiB probe and greedy can pass
-    # the floor above. Measured here, after the runs; past 1 GiB no cache holds it (the probe's
-    # own size), and a second copy of a large model's size is not allocated.
-    ws = max(read_bandwidths(device, gib=max(wbytes, 2**20) / 2**30).values()) if wbytes < 2**30 else bw
-    floor["working_set_read_gb_s"] = ws
-    print(f"{dt}: a buffer of those {wbytes / 1e6:.0f} MB reads at {ws:.1f} GB/s (the 1 GiB probe's {bw:.1f}): "
-          f"{'the caches hold much of it; ' if ws > 1.25 * bw else ''}by that floor greedy reaches "
-          f"{g / (ws * 1e9 / wbytes):.0%}")
+    if ws is not None:
+        floor["working_set_read_gb_s"] = ws
+        print(f"{dt}: a buffer of those {wbytes / 1e6:.0f} MB reads at {ws:.1f} GB/s (the 1 GiB probe's {bw:.1f}): "
+              f"{'the caches hold much of it; ' if ws > 1.25 * bw else ''}by that floor greedy reaches "
+              f"{g / (ws * 1e9 / wbytes):.0%}")
     for label, s in (others or {}).items():
         if s.get("layer_calls_per_token") and s["tokens_per_second"]:
             mbytes = method_bytes_per_token(model, heads, s)

@@ -682,6 +682,18 @@ def test_a_method_reads_a_layer_per_layer_call_the_lm_head_per_verification_and_
     assert count(L, 1, 2) - count(L, 1, 0) == 2 * (2 * one_matrix(dim) + one_matrix(rows))
 
 
+def test_the_read_over_the_weights_size_is_measured_below_1_gib_only(monkeypatch):
+    """A buffer the size of a token's weights is read where a cache might hold it; from 1 GiB on
+    no read is made (None), so a large model's second copy is never allocated."""
+    import report
+    monkeypatch.setattr(report, "weight_bytes_per_token", lambda model: 2**30)
+    monkeypatch.setattr(report, "read_bandwidths", lambda *a, **k: pytest.fail("a 1 GiB copy was read"))
+    assert report.working_set_read("cpu", None) is None
+    monkeypatch.undo()
+    monkeypatch.setattr(report, "weight_bytes_per_token", lambda model: 3 * 2**20)
+    assert report.working_set_read("cpu", None, repeats=1) > 0
+
+
 def test_bench_refuses_to_time_outputs_that_end_at_their_first_token(tiny, tmp_path, monkeypatch, capsys):
     """Every output one token long (the prefill's, timed apart): no rate to report, one line, exit 2."""
     import bench
