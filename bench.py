@@ -377,7 +377,8 @@ def report(b, rows, trace, op_counts, warm_up_seconds, per_method, probes, sizes
     model, heads, _ = b.engines[dtypes[0]]
     figs = plots(out, summary, trace, a.threshold or [], model.args.n_layers, heads.layers if heads else [])
     result = {"machine": mach, "args": vars(a), "summary": summary, "per_category": per_cat, "bandwidth_gb_s": bw,
-              "bandwidth_gb_s_by_reader": readers, "bandwidth_probes": probes, "working_set_probes": sizes, "warm_up_seconds": warm_up_seconds,
+              "bandwidth_gb_s_by_reader": readers, "bandwidth_probes": probes, "working_set_probes": sizes,
+              "warm_up_seconds": warm_up_seconds,
               "per_dtype": floors, "dtype_agreement": agreement,
               "peak_memory_bytes": mem, "max_pending": b.pending, "heads": heads.meta if heads else None, "rows": rows}
     write_csv(out / "results.csv", rows)
