@@ -41,6 +41,8 @@
 #endif
 
 #define ROWS 8      /* rows of x per pass: AMX's 16-row tile holds 8 rows' two levels */
+#define AHEAD 8     /* weight tiles (1 KB each) prefetched ahead, into L2: a greedy int8 token 3-10%
+                       faster than 2 tiles into L1 (README, "int8's kernel") */
 
 /* AMX tiles need Linux's permission, asked once per process (Linux 5.16+); without it, the VNNI path. */
 static int use_amx(void) {
@@ -147,7 +149,7 @@ static void tiles_on(void) {
 static void dots_amx(const uint8_t *q, long Kp, const int8_t *wt, const int32_t *wsum, int rows, int32_t d[2 * ROWS][16]) {
     _tile_zero(2);
     for (long kb = 0; kb < Kp / 64; kb++) {
-        for (int l = 0; l < 1024; l += 64) _mm_prefetch((const char *)(wt + (kb + 2) * 1024 + l), _MM_HINT_T0);
+        for (int l = 0; l < 1024; l += 64) _mm_prefetch((const char *)(wt + (kb + AHEAD) * 1024 + l), _MM_HINT_T1);
         _tile_loadd(0, q + kb * 64, Kp);          /* rows past `rows` hold stale bytes: their sums are not read */
         _tile_loadd(1, wt + kb * 1024, 64);
         _tile_dpbusd(2, 0, 1);
@@ -167,7 +169,7 @@ static void dots(const uint8_t *q, long Kp, const int8_t *wt, const int32_t *wsu
         for (long kb = 0; kb < Kp / 64; kb++) {
             const int8_t *t = wt + kb * 1024;
             const uint8_t *xs = x + kb * 64;
-            _mm_prefetch((const char *)(t + 2048), _MM_HINT_T0);
+            _mm_prefetch((const char *)(t + AHEAD * 1024), _MM_HINT_T1);
             for (int i = 0; i < 16; i += 4) {
                 a0 = _mm512_dpbusd_epi32(a0, _mm512_set1_epi32(load4(xs + 4 * i)), _mm512_loadu_si512(t + 64 * i));
                 a1 = _mm512_dpbusd_epi32(a1, _mm512_set1_epi32(load4(xs + 4 * i + 4)), _mm512_loadu_si512(t + 64 * i + 64));
