@@ -367,14 +367,15 @@ class Transformer(nn.Module):
     def run_layers(self, h, pos, cache, start=0, end=None):
         """Run layers start..end-1 on rows h (B, T, dim) that sit at positions pos..pos+T-1."""
         T, end = h.shape[1], self.args.n_layers if end is None else end
-        # (T, 1, D) copies, not views: compiled code would specialise on where a view starts
-        cos, sin = self.rope_cos[pos:pos + T, None].clone(), self.rope_sin[pos:pos + T, None].clone()
         if h.shape[0] == 1 and T <= ROW_BY_ROW and start < end:
             # a decoding call in float32 or int8 on the CPU: every block below in one C call,
-            # block() by block() (the same bits); None where fused.c does not compute them all
-            y = fused.layers(self, h, pos, cache, start, end, cos, sin)
+            # block() by block() (the same bits), the rotary tables read in place; None where
+            # fused.c does not compute them all
+            y = fused.layers(self, h, pos, cache, start, end)
             if y is not None:
                 return y
+        # (T, 1, D) copies, not views: compiled code would specialise on where a view starts
+        cos, sin = self.rope_cos[pos:pos + T, None].clone(), self.rope_sin[pos:pos + T, None].clone()
         for i in range(start, end):
             h = self.layers[i](h, pos, cache, i, cos, sin)
         return h

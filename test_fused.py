@@ -229,8 +229,7 @@ def test_a_run_of_layers_in_one_call():
     seen = []
     net.layers[2].register_forward_hook(lambda m, args, out: seen.append(out.shape))
     with torch.inference_mode():
-        assert fused.layers(net, h[:, 12:13], 12, net.new_cache(20), 0, 4, net.rope_cos[12:13, None].clone(),
-                            net.rope_sin[12:13, None].clone()) is None
+        assert fused.layers(net, h[:, 12:13], 12, net.new_cache(20), 0, 4) is None
         cache = net.new_cache(20)
         net.run_layers(h[:, :13], 0, cache)
         net.run_layers(h[:, 13:14], 13, cache)
@@ -270,6 +269,31 @@ def test_the_arguments_made_once_follow_the_model():
         got = decode()
         assert not torch.equal(got, before) and torch.equal(got, fresh())
         before = got
+
+
+def test_the_arguments_are_checked_once_a_generation():
+    """A run of layers checks its kept arguments against the model in full once per KV cache
+    (a generation), not on every call; within one cache a module or parameter assigned is
+    still seen at the next call."""
+    torch.manual_seed(0)
+    net = random_llama(4, dtype=torch.float32, n_layers=3, n_heads=4, n_kv_heads=2, dim=32, ffn=48, max_pos=64)
+    h = torch.randn(1, 12, 32, generator=torch.Generator().manual_seed(1))
+    fused._plans.clear()
+    with torch.inference_mode(), mock.patch.object(fused.ModelPlan, "current", autospec=True,
+                                                   side_effect=fused.ModelPlan.current) as checked:
+        for _ in range(2):
+            cache = net.new_cache(12)
+            net.run_layers(h[:, :4], 0, cache)                 # a prompt: not fused.layers
+            for t in range(4, 8):
+                net.run_layers(h[:, t:t + 1], t, cache, 0, 1)
+                net.run_layers(h[:, t:t + 1], t, cache, 1, 3)
+        assert checked.call_count == 1           # the first cache made the plan; the second checked it once
+        blk = net.layers[2]
+        blk.attention.wo = Linear(32, 32, bias=False).requires_grad_(False)     # mid-generation
+        got = net.run_layers(h[:, 8:9], 8, cache, 0, 3)
+        cache.truncate(8)
+        fused._plans.clear()
+        assert torch.equal(got, net.run_layers(h[:, 8:9], 8, cache, 0, 3))
 
 
 @given(rows=st.integers(1, 5), n=st.one_of(st.integers(1, 70), st.integers(1000, 1100)), seed=st.integers(0, 10**6),
