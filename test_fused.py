@@ -283,7 +283,7 @@ def test_the_arguments_are_checked_once_a_generation():
                                                    side_effect=fused.ModelPlan.current) as checked:
         for _ in range(2):
             cache = net.new_cache(12)
-            net.run_layers(h[:, :4], 0, cache)                 # a prompt: not fused.layers
+            net.run_layers(h[:, :4], 0, cache)                 # the prompt (4 rows: fused.layers too)
             for t in range(4, 8):
                 net.run_layers(h[:, t:t + 1], t, cache, 0, 1)
                 net.run_layers(h[:, t:t + 1], t, cache, 1, 3)
