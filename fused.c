@@ -412,7 +412,7 @@ void attention(const float *qkv, long stride, const float *cos, const float *sin
         }
         /* then each row's softmax and values: a KV head's query heads three at a time
          * (values3) where a call has several rows and D allows, else (and for the last one or
-         * two of G) one at a time, which gives a one-row call nine items for two threads to
+         * two of G) one at a time, which gives a one-row call an item a head for the threads to
          * share. A head's bits are the same either way, so a row's do not depend on the call. */
         long threes = T > 1 && D % (4 * LANES) == 0 ? G / 3 : 0, groups = threes + G - 3 * threes;
         #pragma omp for schedule(static)
