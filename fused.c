@@ -51,12 +51,37 @@ static inline float exp_f(float x) {
     return x != x ? x : p * f1 * f2;
 }
 
-/* LANES floats as one value: one AVX-512 register, two AVX2 ones, four SSE ones (GCC's and
- * clang's vector extension; the compiler splits it to what the CPU has) */
-typedef float lanes __attribute__((vector_size(LANES * sizeof(float))));
+/* LANES floats as SPLIT vectors `part` of the CPU's width: one AVX-512 register, two AVX2 ones
+ * (GCC's and clang's vector extension). One 16-float vector would be simpler, but where the
+ * CPU's registers hold 8 floats GCC keeps such a vector in memory, not in registers: on an
+ * AMD EPYC with AVX2 the linear layer ran 4 times slower and attention 5 times (README, "fused.c
+ * on AVX2"). Lane for lane the arithmetic is the same, so the bits are. */
+#ifndef SPLIT                  /* (a build may set it: test_fused.py checks both ways give the same bits) */
+#ifdef __AVX512F__
+#define SPLIT 1
+#else
+#define SPLIT 2
+#endif
+#endif
+_Static_assert(SPLIT == 1 || SPLIT == 2, "16 lanes as one vector or two");
+#define PART (LANES / SPLIT)
+typedef float part __attribute__((vector_size(PART * sizeof(float))));
+typedef int32_t int_part __attribute__((vector_size(PART * sizeof(int32_t))));
 typedef float half_lanes __attribute__((vector_size(LANES / 2 * sizeof(float))));
 typedef float quarter_lanes __attribute__((vector_size(LANES / 4 * sizeof(float))));
-typedef int32_t int_lanes __attribute__((vector_size(LANES * sizeof(int32_t))));
+typedef struct { part p[SPLIT]; } lanes;
+
+static inline part load_part(const float *p) {
+    part v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline lanes load(const float *p) {
+    lanes v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
 
 /* the LANES partial sums added pairwise, halves onto halves: a fixed order, in a few vector adds */
 static inline float lanes_sum(lanes acc) {
@@ -69,45 +94,41 @@ static inline float lanes_sum(lanes acc) {
     return (q[0][0] + q[0][2]) + (q[0][1] + q[0][3]);
 }
 
-static inline lanes load(const float *p) {
-    lanes v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
 /* sum of a[i] * b[i] in LANES interleaved partial sums, then the lanes (lanes_sum), then the tail */
 static inline float dot(const float *a, const float *b, long n) {
-    lanes acc = {0};
+    lanes acc = {{{0}}};
     long i = 0;
     for (; i + LANES <= n; i += LANES)
-        acc += load(a + i) * load(b + i);
+        for (int h = 0; h < SPLIT; h++) acc.p[h] += load_part(a + i + h * PART) * load_part(b + i + h * PART);
     float s = lanes_sum(acc);
     for (; i < n; i++) s += a[i] * b[i];
     return s;
 }
 
-/* dot(a[t], b[r]) for the 4 rows r of b (n floats apart) and R <= 4 rows t of a (lda floats
- * apart), into out[t * ldo + r]: 4 R independent chains for the CPU to overlap, b's lanes loaded
- * once for all R rows of a, each sum in dot's order (the same bits as 4 R calls of dot). `ahead`,
- * where not NULL, is prefetched alongside (the next 4 rows of b, for `linear`). Inlined where R
- * is a constant, so the sums stay in registers. */
-static inline __attribute__((always_inline)) void dot4(const float *a, long lda, int R, const float *b, long n,
+/* dot(a[t], b[r]) for the W rows r of b (n floats apart) and R rows t of a (lda floats apart),
+ * W, R <= 4, into out[t * ldo + r]: W R independent chains for the CPU to overlap, b's lanes
+ * loaded once for all R rows of a, each sum in dot's order (the same bits as W R calls of dot).
+ * `ahead`, where not NULL, is prefetched alongside (b's rows W * n floats on, for `linear`).
+ * Inlined where W and R are constants, so the sums stay in registers. */
+static inline __attribute__((always_inline)) void dots(const float *a, long lda, int R, const float *b, int W, long n,
                                                        float *out, long ldo, const float *ahead) {
     lanes acc[4][4];
-    for (int t = 0; t < R; t++)          /* only the R rows' sums: zeroing all 16 cost a memset a call */
-        for (int r = 0; r < 4; r++) acc[t][r] = (lanes){0};
+    for (int t = 0; t < R; t++)          /* only the R W sums: zeroing all 16 cost a memset a call */
+        for (int r = 0; r < W; r++) acc[t][r] = (lanes){{{0}}};
     long i = 0;
-    for (; i + LANES <= n; i += LANES) {
-        lanes ai[4];
-        for (int t = 0; t < R; t++) ai[t] = load(a + t * lda + i);
-        for (int r = 0; r < 4; r++) {
-            if (ahead) __builtin_prefetch(ahead + r * n + i);
-            lanes br = load(b + r * n + i);
-            for (int t = 0; t < R; t++) acc[t][r] += ai[t] * br;
+    for (; i + LANES <= n; i += LANES)
+        for (int h = 0; h < SPLIT; h++) {
+            long j = i + h * PART;
+            part ai[4];
+            for (int t = 0; t < R; t++) ai[t] = load_part(a + t * lda + j);
+            for (int r = 0; r < W; r++) {
+                if (ahead) __builtin_prefetch(ahead + r * n + j);
+                part br = load_part(b + r * n + j);
+                for (int t = 0; t < R; t++) acc[t][r].p[h] += ai[t] * br;
+            }
         }
-    }
     for (int t = 0; t < R; t++)
-        for (int r = 0; r < 4; r++) {
+        for (int r = 0; r < W; r++) {
             float s = lanes_sum(acc[t][r]);
             for (long j = i; j < n; j++) s += a[t * lda + j] * b[r * n + j];
             out[t * ldo + r] = s;
@@ -116,13 +137,34 @@ static inline __attribute__((always_inline)) void dot4(const float *a, long lda,
 
 /* sum of x[i] in the same order as dot's */
 static inline float sum(const float *x, long n) {
-    lanes acc = {0};
+    lanes acc = {{{0}}};
     long i = 0;
     for (; i + LANES <= n; i += LANES)
-        acc += load(x + i);
+        for (int h = 0; h < SPLIT; h++) acc.p[h] += load_part(x + i + h * PART);
     float s = lanes_sum(acc);
     for (; i < n; i++) s += x[i];
     return s;
+}
+
+/* dots() for 4 rows of w (wo, K floats apart) and R rows of x, R a constant where inlined. A
+ * sum is one register of LANES floats: 32 of them (AVX-512) hold 4 x 4 sums and their operands;
+ * 16 (AVX2) hold 4 x 1 or 2 x 2, so there the 4 rows of w go as two pairs past 1 row of x: kept
+ * in registers, 2 extra rows cost 3.6x less than as 4 x 2 spilled to memory (README, "float32's
+ * matrices in C"). The same sums in the same order either way, so the same bits. */
+static inline __attribute__((always_inline)) void dots4(const float *xt, long K, int R, const float *wo, float *yt,
+                                                        long N, const float *ahead) {
+#ifdef __AVX512F__
+    dots(xt, K, R, wo, 4, K, yt, N, ahead);
+#else
+    if (R == 1)
+        dots(xt, K, 1, wo, 4, K, yt, N, ahead);
+    else
+        for (int r = 0; r < 4; r += 2) {          /* a pair of w's rows, past x's rows 0-1, then 2-3 */
+            dots(xt, K, 2, wo + r * K, 2, K, yt + r, N, ahead ? ahead + r * K : NULL);
+            if (R == 3) dots(xt + 2 * K, K, 1, wo + r * K, 2, K, yt + 2 * N + r, N, NULL);
+            if (R == 4) dots(xt + 2 * K, K, 2, wo + r * K, 2, K, yt + 2 * N + r, N, NULL);
+        }
+#endif
 }
 
 /* A linear layer for T rows x (T, K): y[t, o] = dot(x[t], w[o]) (+ b[o]), w (N, K) row-major,
@@ -138,11 +180,11 @@ void linear(const float *x, const float *w, const float *b, float *y, long T, lo
             for (long t = 0; t < T; t += 4) {
                 const float *xt = x + t * K, *wo = w + o * K;
                 float *yt = y + t * N + o;
-                switch (T - t) {          /* a constant R for each dot4, so its sums stay in registers */
-                case 1:  dot4(xt, K, 1, wo, K, yt, N, ahead); break;
-                case 2:  dot4(xt, K, 2, wo, K, yt, N, ahead); break;
-                case 3:  dot4(xt, K, 3, wo, K, yt, N, ahead); break;
-                default: dot4(xt, K, 4, wo, K, yt, N, ahead);
+                switch (T - t) {          /* a constant R for each dots4, so its sums stay in registers */
+                case 1:  dots4(xt, K, 1, wo, yt, N, ahead); break;
+                case 2:  dots4(xt, K, 2, wo, yt, N, ahead); break;
+                case 3:  dots4(xt, K, 3, wo, yt, N, ahead); break;
+                default: dots4(xt, K, 4, wo, yt, N, ahead);
                 }
             }
         } else
@@ -183,56 +225,83 @@ void add_rms_norm(const float *x, const float *y, const float *w, double eps, fl
 
 /* a * b + c in each lane with one rounding (C's fmaf): the same bits on every CPU and
  * compiler, one vector instruction where the CPU has fused multiply-adds */
-static inline __attribute__((always_inline)) lanes fma_lanes(lanes a, lanes b, lanes c) {
-    lanes r;
-    for (int l = 0; l < LANES; l++) r[l] = __builtin_fmaf(a[l], b[l], c[l]);
+static inline __attribute__((always_inline)) part fma_part(part a, part b, part c) {
+    part r;
+    for (int l = 0; l < PART; l++) r[l] = __builtin_fmaf(a[l], b[l], c[l]);
     return r;
 }
 
-static inline lanes splat(float x) {
-    lanes v;
-    for (int l = 0; l < LANES; l++) v[l] = x;
+static inline part splat(float x) {
+    part v;
+    for (int l = 0; l < PART; l++) v[l] = x;
     return v;
 }
 
 /* Sums across lanes for 16 vectors at once (LANES is 16): each step adds pairs of lanes that
  * belong to the same vector and packs two vectors' halves into one. fold8(a, b) is
  * [a[i] + a[i+8] (8 lanes), b[i] + b[i+8] (8 lanes)], fold4 does the same on 4-lane groups,
- * and so on; after four steps lane r holds vector r's sum, always added in the same order. */
+ * and so on; after four steps lane r holds vector r's sum, always added in the same order.
+ * With 16 lanes as two parts of 8 (SPLIT 2), fold8 adds a vector's two parts, and fold4 ...
+ * fold1 do within a part what they do within 16 lanes. */
 _Static_assert(LANES == 16, "fold8 ... fold1 and dot16 are written for 16 lanes");
 #define PICK(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#if SPLIT == 1
 static inline lanes fold8(lanes a, lanes b) {
-    return PICK(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-           PICK(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    return (lanes){{PICK(a.p[0], b.p[0], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                    PICK(a.p[0], b.p[0], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31)}};
 }
 static inline lanes fold4(lanes a, lanes b) {
-    return PICK(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-           PICK(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    return (lanes){{PICK(a.p[0], b.p[0], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+                    PICK(a.p[0], b.p[0], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31)}};
 }
 static inline lanes fold2(lanes a, lanes b) {
-    return PICK(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-           PICK(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    return (lanes){{PICK(a.p[0], b.p[0], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+                    PICK(a.p[0], b.p[0], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31)}};
 }
 static inline lanes fold1(lanes a, lanes b) {
-    return PICK(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-           PICK(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    return (lanes){{PICK(a.p[0], b.p[0], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+                    PICK(a.p[0], b.p[0], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31)}};
 }
+#else
+static inline part fold4_8(part x, part y) {
+    return PICK(x, y, 0, 1, 2, 3, 8, 9, 10, 11) + PICK(x, y, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+static inline part fold2_8(part x, part y) {
+    return PICK(x, y, 0, 1, 4, 5, 8, 9, 12, 13) + PICK(x, y, 2, 3, 6, 7, 10, 11, 14, 15);
+}
+static inline part fold1_8(part x, part y) {
+    return PICK(x, y, 0, 2, 4, 6, 8, 10, 12, 14) + PICK(x, y, 1, 3, 5, 7, 9, 11, 13, 15);
+}
+static inline lanes fold8(lanes a, lanes b) { return (lanes){{a.p[0] + a.p[1], b.p[0] + b.p[1]}}; }
+static inline lanes fold4(lanes a, lanes b) { return (lanes){{fold4_8(a.p[0], a.p[1]), fold4_8(b.p[0], b.p[1])}}; }
+static inline lanes fold2(lanes a, lanes b) { return (lanes){{fold2_8(a.p[0], a.p[1]), fold2_8(b.p[0], b.p[1])}}; }
+static inline lanes fold1(lanes a, lanes b) { return (lanes){{fold1_8(a.p[0], a.p[1]), fold1_8(b.p[0], b.p[1])}}; }
+#endif
 
 /* q . k[r] for 16 keys k[r] (ld floats apart) at once, n (a multiple of LANES) floats each:
  * per key, LANES partial sums of fused multiply-adds, then fold's sums across lanes. For a
  * head of 64 a score costs about 7 vector operations this way, against about 16 for `dot`
- * (8 for the products and sums, 8 for its lanes_sum). Lane r of the result is key r's score. */
+ * (8 for the products and sums, 8 for its lanes_sum). Lane r of the result is key r's score.
+ * The keys' sums are made KEYS at a time, as many as the registers hold: all 16 with AVX-512,
+ * 4 with AVX2. */
+#define KEYS (SPLIT == 1 ? 16 : 4)
 static inline __attribute__((always_inline)) lanes dot16(const float *q, const float *k, long ld, long n) {
-    lanes acc[16], f8[8], f4[4];
-    #pragma GCC unroll 16
-    for (int r = 0; r < 16; r++) acc[r] = (lanes){0};
-    for (long i = 0; i < n; i += LANES) {
-        lanes qi = load(q + i);
-        const float *kr = k + i;
-        #pragma GCC unroll 16                 /* the 16 sums stay in registers */
-        for (int r = 0; r < 16; r++, kr += ld) acc[r] = fma_lanes(qi, load(kr), acc[r]);
+    lanes f8[8], f4[4];
+    #pragma GCC unroll 4
+    for (int g = 0; g < 16; g += KEYS) {
+        lanes acc[KEYS];
+        #pragma GCC unroll 16
+        for (int r = 0; r < KEYS; r++) acc[r] = (lanes){{{0}}};
+        for (long i = 0; i < n; i += LANES)
+            #pragma GCC unroll 2
+            for (int h = 0; h < SPLIT; h++) {
+                part qi = load_part(q + i + h * PART);
+                const float *kr = k + g * ld + i + h * PART;
+                #pragma GCC unroll 16                 /* the sums stay in registers */
+                for (int r = 0; r < KEYS; r++, kr += ld) acc[r].p[h] = fma_part(qi, load_part(kr), acc[r].p[h]);
+            }
+        for (int r = 0; r < KEYS / 2; r++) f8[g / 2 + r] = fold8(acc[2 * r], acc[2 * r + 1]);
     }
-    for (int r = 0; r < 8; r++) f8[r] = fold8(acc[2 * r], acc[2 * r + 1]);
     for (int r = 0; r < 4; r++) f4[r] = fold4(f8[2 * r], f8[2 * r + 1]);
     return fold1(fold2(f4[0], f4[1]), fold2(f4[2], f4[3]));
 }
@@ -246,10 +315,13 @@ static float softmax_unscaled(float *p, long n) {
         lanes m = load(p);
         for (j = LANES; j + LANES <= n; j += LANES) {
             lanes x = load(p + j);
-            int_lanes more = x > m;
-            m = (lanes)(((int_lanes)x & more) | ((int_lanes)m & ~more));
+            for (int h = 0; h < SPLIT; h++) {
+                int_part more = x.p[h] > m.p[h];
+                m.p[h] = (part)(((int_part)x.p[h] & more) | ((int_part)m.p[h] & ~more));
+            }
         }
-        for (int l = 0; l < LANES; l++) mx = m[l] > mx ? m[l] : mx;
+        for (int h = 0; h < SPLIT; h++)
+            for (int l = 0; l < PART; l++) mx = m.p[h][l] > mx ? m.p[h][l] : mx;
     }
     for (; j < n; j++) mx = p[j] > mx ? p[j] : mx;
     if (mx != mx || mx == INFINITY || mx == -INFINITY) mx = 0;    /* NaN or inf scores propagate below */
@@ -260,7 +332,7 @@ static float softmax_unscaled(float *p, long n) {
 /* softmax_values' weighted sums for three query heads of one KV head at once, from their
  * softmax (softmax_unscaled): o_r = sum_j p_r[j] V[j] / total[r], V (n, D) with D a multiple
  * of 4 * LANES. Head by head, V is read three times; here each value vector is loaded once
- * for the three heads, 2 * LANES outputs at a time. Each output is added as softmax_values
+ * for the three heads, 2 * PART outputs at a time. Each output is added as softmax_values
  * adds it (the even keys' chain, the odd keys' chain, then their sum), so a head gets the
  * same bits either way. What an extra row adds to attention went from 11.1 to 10.0 us (9
  * heads, 3 KV heads, D 64, 300 keys; README, "The thirteenth session"). A function of its
@@ -269,35 +341,35 @@ static __attribute__((noinline)) void values3(const float *p0, const float *p1, 
                                               const float *total, long n, const float *V, long D,
                                               float *o0, float *o1, float *o2) {
     float *o[3] = {o0, o1, o2};
-    for (long d = 0; d < D; d += 2 * LANES) {
-        lanes e00 = {0}, e01 = {0}, e10 = {0}, e11 = {0}, e20 = {0}, e21 = {0},    /* even keys: head, half */
-              d00 = {0}, d01 = {0}, d10 = {0}, d11 = {0}, d20 = {0}, d21 = {0};    /* odd keys */
+    for (long d = 0; d < D; d += 2 * PART) {
+        part e00 = {0}, e01 = {0}, e10 = {0}, e11 = {0}, e20 = {0}, e21 = {0},    /* even keys: head, half */
+             d00 = {0}, d01 = {0}, d10 = {0}, d11 = {0}, d20 = {0}, d21 = {0};    /* odd keys */
         const float *v = V + d;
         long j = 0;
         for (; j + 1 < n; j += 2, v += 2 * D) {
-            lanes a0 = load(v), a1 = load(v + LANES), b0 = load(v + D), b1 = load(v + D + LANES);
+            part a0 = load_part(v), a1 = load_part(v + PART), b0 = load_part(v + D), b1 = load_part(v + D + PART);
 #ifdef __AVX512F__
             /* kept in registers: else GCC folds each load into all three heads' multiply-adds */
             __asm__("" : "+v"(a0), "+v"(a1), "+v"(b0), "+v"(b1));
 #endif
-            lanes s = splat(p0[j]), t = splat(p1[j]), u = splat(p2[j]);
-            e00 = fma_lanes(s, a0, e00), e01 = fma_lanes(s, a1, e01);
-            e10 = fma_lanes(t, a0, e10), e11 = fma_lanes(t, a1, e11);
-            e20 = fma_lanes(u, a0, e20), e21 = fma_lanes(u, a1, e21);
+            part s = splat(p0[j]), t = splat(p1[j]), u = splat(p2[j]);
+            e00 = fma_part(s, a0, e00), e01 = fma_part(s, a1, e01);
+            e10 = fma_part(t, a0, e10), e11 = fma_part(t, a1, e11);
+            e20 = fma_part(u, a0, e20), e21 = fma_part(u, a1, e21);
             s = splat(p0[j + 1]), t = splat(p1[j + 1]), u = splat(p2[j + 1]);
-            d00 = fma_lanes(s, b0, d00), d01 = fma_lanes(s, b1, d01);
-            d10 = fma_lanes(t, b0, d10), d11 = fma_lanes(t, b1, d11);
-            d20 = fma_lanes(u, b0, d20), d21 = fma_lanes(u, b1, d21);
+            d00 = fma_part(s, b0, d00), d01 = fma_part(s, b1, d01);
+            d10 = fma_part(t, b0, d10), d11 = fma_part(t, b1, d11);
+            d20 = fma_part(u, b0, d20), d21 = fma_part(u, b1, d21);
         }
         if (j < n) {                               /* an odd number of keys: the last one */
-            lanes a0 = load(v), a1 = load(v + LANES), s = splat(p0[j]), t = splat(p1[j]), u = splat(p2[j]);
-            e00 = fma_lanes(s, a0, e00), e01 = fma_lanes(s, a1, e01);
-            e10 = fma_lanes(t, a0, e10), e11 = fma_lanes(t, a1, e11);
-            e20 = fma_lanes(u, a0, e20), e21 = fma_lanes(u, a1, e21);
+            part a0 = load_part(v), a1 = load_part(v + PART), s = splat(p0[j]), t = splat(p1[j]), u = splat(p2[j]);
+            e00 = fma_part(s, a0, e00), e01 = fma_part(s, a1, e01);
+            e10 = fma_part(t, a0, e10), e11 = fma_part(t, a1, e11);
+            e20 = fma_part(u, a0, e20), e21 = fma_part(u, a1, e21);
         }
-        lanes y[6] = {(e00 + d00) / total[0], (e01 + d01) / total[0], (e10 + d10) / total[1],
-                      (e11 + d11) / total[1], (e20 + d20) / total[2], (e21 + d21) / total[2]};
-        for (int r = 0; r < 3; r++) memcpy(o[r] + d, y + 2 * r, 2 * sizeof(lanes));
+        part y[6] = {(e00 + d00) / total[0], (e01 + d01) / total[0], (e10 + d10) / total[1],
+                     (e11 + d11) / total[1], (e20 + d20) / total[2], (e21 + d21) / total[2]};
+        for (int r = 0; r < 3; r++) memcpy(o[r] + d, y + 2 * r, 2 * sizeof(part));
     }
 }
 
@@ -308,31 +380,33 @@ static __attribute__((noinline)) void values3(const float *p0, const float *p1, 
 static __attribute__((noinline)) void softmax_values(float *p, long n, const float *V, long D, float *o) {
     long j;
     float total = softmax_unscaled(p, n);
-    /* 4 * LANES outputs at a time in registers, the even keys' sums apart from the odd keys'
-     * (8 chains for the CPU to overlap), then LANES, then one */
+    /* in blocks of 4 * LANES outputs, the even keys' sums apart from the odd keys' (8 chains
+     * for the CPU to overlap, 4 * PART outputs at a time in registers); then the rest, one
+     * chain each, PART outputs at a time and then one (the same sums either way) */
     long d = 0;
-    for (; d + 4 * LANES <= D; d += 4 * LANES) {
-        lanes even[4] = {{0}}, odd[4] = {{0}};
-        for (j = 0; j + 1 < n; j += 2) {
-            lanes p0 = splat(p[j]), p1 = splat(p[j + 1]);
-            const float *v0 = V + j * D + d, *v1 = v0 + D;
-            #pragma GCC unroll 4
+    for (; d + 4 * LANES <= D; d += 4 * LANES)
+        for (long e = d; e < d + 4 * LANES; e += 4 * PART) {
+            part even[4] = {{0}}, odd[4] = {{0}};
+            for (j = 0; j + 1 < n; j += 2) {
+                part p0 = splat(p[j]), p1 = splat(p[j + 1]);
+                const float *v0 = V + j * D + e, *v1 = v0 + D;
+                #pragma GCC unroll 4
+                for (int c = 0; c < 4; c++) {
+                    even[c] = fma_part(p0, load_part(v0 + c * PART), even[c]);
+                    odd[c] = fma_part(p1, load_part(v1 + c * PART), odd[c]);
+                }
+            }
+            if (j < n)                             /* an odd number of keys: the last one */
+                for (int c = 0; c < 4; c++) even[c] = fma_part(splat(p[j]), load_part(V + j * D + e + c * PART), even[c]);
             for (int c = 0; c < 4; c++) {
-                even[c] = fma_lanes(p0, load(v0 + c * LANES), even[c]);
-                odd[c] = fma_lanes(p1, load(v1 + c * LANES), odd[c]);
+                part y = (even[c] + odd[c]) / total;
+                memcpy(o + e + c * PART, &y, sizeof y);
             }
         }
-        if (j < n)                                 /* an odd number of keys: the last one */
-            for (int c = 0; c < 4; c++) even[c] = fma_lanes(splat(p[j]), load(V + j * D + d + c * LANES), even[c]);
-        for (int c = 0; c < 4; c++) {
-            lanes y = (even[c] + odd[c]) / total;
-            memcpy(o + d + c * LANES, &y, sizeof y);
-        }
-    }
-    for (; d + LANES <= D; d += LANES) {
-        lanes acc = {0};
+    for (; d + PART <= D; d += PART) {
+        part acc = {0};
         for (j = 0; j < n; j++)
-            acc = fma_lanes(splat(p[j]), load(V + j * D + d), acc);
+            acc = fma_part(splat(p[j]), load_part(V + j * D + d), acc);
         acc /= total;
         memcpy(o + d, &acc, sizeof acc);
     }
@@ -402,7 +476,8 @@ void attention(const float *qkv, long stride, const float *cos, const float *sin
                     kb = kpad;
                 }
                 for (long c = 0; c < G; c++) {
-                    lanes s = dot16(q + c * Dp, kb, kb == kpad ? Dp : D, Dp) * scale;
+                    lanes s = dot16(q + c * Dp, kb, kb == kpad ? Dp : D, Dp);
+                    for (int h = 0; h < SPLIT; h++) s.p[h] *= scale;
                     if (keys == 16)                /* one vector store (a copy of `keys` floats is a slow rep movs) */
                         memcpy(p + c * S + i, &s, sizeof s);
                     else
@@ -450,21 +525,27 @@ void argmax_rows(const float *x, long M, long N, long *out) {
         int nan = 0;
         if (N >= LANES) {
             lanes mx = load(x);
-            int_lanes lane, at, bad = mx != mx;               /* bad: -1 in a lane that saw a NaN */
-            for (int l = 0; l < LANES; l++) lane[l] = l;
-            at = lane;                                        /* where each lane's maximum is */
+            int_part lane[SPLIT], at[SPLIT], bad[SPLIT];              /* bad: -1 in a lane that saw a NaN */
+            for (int h = 0; h < SPLIT; h++) {
+                for (int l = 0; l < PART; l++) lane[h][l] = h * PART + l;
+                at[h] = lane[h];                                  /* where each lane's maximum is */
+                bad[h] = mx.p[h] != mx.p[h];
+            }
             for (j = LANES; j + LANES <= N; j += LANES) {
                 lanes v = load(x + j);
-                int_lanes more = v > mx;                      /* strictly: a lane keeps its first maximum */
-                mx = (lanes)(((int_lanes)v & more) | ((int_lanes)mx & ~more));
-                at = (at & ~more) | ((lane + (int32_t)j) & more);
-                bad |= v != v;
+                for (int h = 0; h < SPLIT; h++) {
+                    int_part more = v.p[h] > mx.p[h];              /* strictly: a lane keeps its first maximum */
+                    mx.p[h] = (part)(((int_part)v.p[h] & more) | ((int_part)mx.p[h] & ~more));
+                    at[h] = (at[h] & ~more) | ((lane[h] + (int32_t)j) & more);
+                    bad[h] |= v.p[h] != v.p[h];
+                }
             }
-            best = mx[0], k = at[0];
-            for (int l = 0; l < LANES; l++) {
-                if (mx[l] > best || (mx[l] == best && at[l] < k)) best = mx[l], k = at[l];
-                nan |= bad[l];
-            }
+            best = mx.p[0][0], k = at[0][0];
+            for (int h = 0; h < SPLIT; h++)
+                for (int l = 0; l < PART; l++) {
+                    if (mx.p[h][l] > best || (mx.p[h][l] == best && at[h][l] < k)) best = mx.p[h][l], k = at[h][l];
+                    nan |= bad[h][l];
+                }
         }
         for (; j < N; j++) {                                  /* the tail, after every lane's elements */
             if (x[j] > best) best = x[j], k = j;

@@ -133,11 +133,14 @@ def test_decoding_attention(H_kv, G, D, pos, T, scale, seed):
         f"attention in C is {ours:.2e} from float64, PyTorch's kernel {theirs:.2e}"
 
 
-def test_the_same_bits_from_any_build(tmp_path):
+@pytest.mark.parametrize("split", [None, 1, 2])
+def test_the_same_bits_from_any_build(tmp_path, split):
     """fused.c's sums are in a fixed order and its multiply-adds are C's fmaf (one rounding by
     definition), so a build for a plain x86-64 or any other CPU, without OpenMP, gives the bits
-    of this CPU's build: attention (16-key scores, fused multiply-adds) and the linear layer."""
-    path, why = cbuild.build(fused.SOURCE, tries=[[]], folder=tmp_path)
+    of this CPU's build: attention (16-key scores, fused multiply-adds) and the linear layer.
+    So does either way of holding 16 lanes (SPLIT: one vector, as AVX-512 builds do, or two of
+    8, as AVX2 builds do), whichever this CPU's build uses."""
+    path, why = cbuild.build(fused.SOURCE, tries=[[] if split is None else [f"-DSPLIT={split}"]], folder=tmp_path)
     assert path is not None, why
     plain, native = fused.load(path), fused.library()
     g = torch.Generator().manual_seed(0)
