@@ -100,6 +100,52 @@ static int split_row(const float *x, long K, long Kp, uint8_t *q, float *s) {
     s[1] = s2;
     return 1;
 }
+#elif defined(AVX2)
+#define OFFSET 0
+/* the plain C version below, 8 floats at a time: the same operations, so the same bytes */
+static int split_row(const float *x, long K, long Kp, uint8_t *q, float *s) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), big = _mm256_set1_ps(FLT_MAX);
+    __m256 vmax = _mm256_setzero_ps(), bad = vmax;
+    long k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 a = _mm256_and_ps(_mm256_loadu_ps(x + k), absmask);
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, big, _CMP_NLE_UQ));                /* NaN or inf */
+        vmax = _mm256_max_ps(vmax, a);
+    }
+    if (_mm256_movemask_ps(bad)) return 0;
+    float m[8], amax = 0;
+    _mm256_storeu_ps(m, vmax);
+    for (int l = 0; l < 8; l++) amax = m[l] > amax ? m[l] : amax;
+    for (; k < K; k++) {
+        float a = fabsf(x[k]);
+        if (!(a <= FLT_MAX)) return 0;
+        if (a > amax) amax = a;
+    }
+    float s1 = amax > 1e-30f ? amax / 127.0f : 1.0f, s2 = s1 / 254.0f;
+    const __m256 v1 = _mm256_set1_ps(s1), v2 = _mm256_set1_ps(s2), lo = _mm256_set1_ps(-127), hi = _mm256_set1_ps(127);
+    const int even = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    memset(q, 0, 2 * Kp);
+    for (k = 0; k + 8 <= K; k += 8) {
+        __m256 xv = _mm256_loadu_ps(x + k);
+        __m256 a = _mm256_min_ps(_mm256_max_ps(_mm256_round_ps(_mm256_div_ps(xv, v1), even), lo), hi);
+        __m256 b = _mm256_sub_ps(xv, _mm256_mul_ps(a, v1));
+        b = _mm256_min_ps(_mm256_max_ps(_mm256_round_ps(_mm256_div_ps(b, v2), even), lo), hi);
+        __m256i ai = _mm256_cvtps_epi32(a), bi = _mm256_cvtps_epi32(b);            /* whole numbers: exact */
+        __m128i a16 = _mm_packs_epi32(_mm256_castsi256_si128(ai), _mm256_extracti128_si256(ai, 1));
+        __m128i b16 = _mm_packs_epi32(_mm256_castsi256_si128(bi), _mm256_extracti128_si256(bi, 1));
+        _mm_storel_epi64((__m128i *)(q + k), _mm_packs_epi16(a16, a16));
+        _mm_storel_epi64((__m128i *)(q + Kp + k), _mm_packs_epi16(b16, b16));
+    }
+    for (; k < K; k++) {
+        float a = fminf(fmaxf(nearbyintf(x[k] / s1), -127.0f), 127.0f);
+        float b = fminf(fmaxf(nearbyintf((x[k] - a * s1) / s2), -127.0f), 127.0f);
+        q[k] = (uint8_t)(int8_t)a;
+        q[Kp + k] = (uint8_t)(int8_t)b;
+    }
+    s[0] = s1;
+    s[1] = s2;
+    return 1;
+}
 #else
 #define OFFSET 0
 static int split_row(const float *x, long K, long Kp, uint8_t *q, float *s) {
@@ -160,7 +206,39 @@ static void dots_amx(const uint8_t *q, long Kp, const int8_t *wt, const int32_t 
 }
 #endif
 
+#ifdef AVX2
+/* AVX2 has no byte dot product into int32: |x| times w with x's sign (maddubs: byte pairs of
+   at most 2 * 127 * 127, never saturated), then pairs of those (madd). G level-rows at once
+   share each weight load: the sums of 4 level-rows fill 8 of the 16 registers. */
+static inline __attribute__((always_inline)) void dots_avx2(const uint8_t *q, long Kp, const int8_t *wt, int G,
+                                                            int32_t d[][16]) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i lo[4], hi[4];
+    for (int g = 0; g < G; g++) lo[g] = hi[g] = _mm256_setzero_si256();
+    for (long kb = 0; kb < Kp / 64; kb++) {
+        const int8_t *t = wt + kb * 1024;
+        for (int i = 0; i < 16; i++) {
+            __m256i w0 = _mm256_loadu_si256((const __m256i *)(t + 64 * i)), w1 = _mm256_loadu_si256((const __m256i *)(t + 64 * i + 32));
+            for (int g = 0; g < G; g++) {
+                __m256i xv = _mm256_set1_epi32(load4(q + g * Kp + kb * 64 + 4 * i)), ax = _mm256_sign_epi8(xv, xv);
+                lo[g] = _mm256_add_epi32(lo[g], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w0, xv)), ones));
+                hi[g] = _mm256_add_epi32(hi[g], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w1, xv)), ones));
+            }
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        _mm256_storeu_si256((__m256i *)d[g], lo[g]);
+        _mm256_storeu_si256((__m256i *)(d[g] + 8), hi[g]);
+    }
+}
+#endif
+
 static void dots(const uint8_t *q, long Kp, const int8_t *wt, const int32_t *wsum, int rows, int32_t d[2 * ROWS][16]) {
+#if defined(AVX2)
+    int r = 0;
+    for (; r + 4 <= 2 * rows; r += 4) dots_avx2(q + r * Kp, Kp, wt, 4, d + r);     /* two rows' levels */
+    if (r < 2 * rows) dots_avx2(q + r * Kp, Kp, wt, 2, d + r);                     /* one row's */
+#else
     for (int r = 0; r < 2 * rows; r++) {
         const uint8_t *x = q + r * Kp;
 #if defined(VNNI)
@@ -179,21 +257,6 @@ static void dots(const uint8_t *q, long Kp, const int8_t *wt, const int32_t *wsu
         }
         __m512i sum = _mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3));
         _mm512_storeu_si512(d[r], _mm512_sub_epi32(sum, _mm512_mullo_epi32(_mm512_loadu_si512(wsum), _mm512_set1_epi32(OFFSET))));
-#elif defined(AVX2)
-        /* |x| times w with x's sign (byte pairs of at most 2 * 127 * 127: maddubs never saturates), per half tile row */
-        const __m256i ones = _mm256_set1_epi16(1);
-        __m256i lo = _mm256_setzero_si256(), hi = lo;
-        for (long kb = 0; kb < Kp / 64; kb++) {
-            const int8_t *t = wt + kb * 1024;
-            for (int i = 0; i < 16; i++) {
-                __m256i xv = _mm256_set1_epi32(load4(x + kb * 64 + 4 * i)), ax = _mm256_sign_epi8(xv, xv);
-                __m256i w0 = _mm256_loadu_si256((const __m256i *)(t + 64 * i)), w1 = _mm256_loadu_si256((const __m256i *)(t + 64 * i + 32));
-                lo = _mm256_add_epi32(lo, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w0, xv)), ones));
-                hi = _mm256_add_epi32(hi, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w1, xv)), ones));
-            }
-        }
-        _mm256_storeu_si256((__m256i *)d[r], lo);
-        _mm256_storeu_si256((__m256i *)(d[r] + 8), hi);
 #else
         for (int j = 0; j < 16; j++) {
             int32_t s = 0;
@@ -203,6 +266,7 @@ static void dots(const uint8_t *q, long Kp, const int8_t *wt, const int32_t *wsu
         }
 #endif
     }
+#endif
     (void)wsum;
 }
 
