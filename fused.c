@@ -146,11 +146,11 @@ static inline float sum(const float *x, long n) {
     return s;
 }
 
-/* dots() for 4 rows of w (wo, K floats apart) and R rows of x, R a constant where inlined. A
- * sum is one register of LANES floats: 32 of them (AVX-512) hold 4 x 4 sums and their operands;
- * 16 (AVX2) hold 4 x 1 or 2 x 2, so there the 4 rows of w go as two pairs past 1 row of x: kept
- * in registers, 2 extra rows cost 3.6x less than as 4 x 2 spilled to memory (README, "float32's
- * matrices in C"). The same sums in the same order either way, so the same bits. */
+/* dots() for 4 rows of w (wo, K floats apart) and R rows of x, R a constant where inlined. 32
+ * AVX-512 registers hold 4 x 4 sums of LANES floats and their operands; 16 AVX2 ones hold 4 x 1
+ * or 2 x 2 (each sum two registers), so there, past two or more rows of x, the 4 rows of w go
+ * as two pairs (README, "fused.c on AVX2"). The same sums in the same order either way, so the
+ * same bits. */
 static inline __attribute__((always_inline)) void dots4(const float *xt, long K, int R, const float *wo, float *yt,
                                                         long N, const float *ahead) {
 #ifdef __AVX512F__
