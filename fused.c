@@ -71,6 +71,31 @@ typedef float half_lanes __attribute__((vector_size(LANES / 2 * sizeof(float))))
 typedef float quarter_lanes __attribute__((vector_size(LANES / 4 * sizeof(float))));
 typedef struct { part p[SPLIT]; } lanes;
 
+/* exp_f (above) on a vector: the same operations lane by lane, so the same bits. rintf becomes
+ * adding and taking away 1.5 * 2^23, which rounds to the nearest integer, ties to even, as
+ * rintf does for |v| < 2^22 (here |v| <= 151); only a zero's sign can differ, and it cancels in
+ * r. A loop of exp_f calls is not vectorised by GCC with AVX2 (rintf), so softmax, SwiGLU and
+ * the exit check's guess call this on PART values at a time. */
+static inline part exp_part(part x) {
+    const float round = 12582912.0f;           /* 1.5 * 2^23 */
+    int_part lo = x < -104.0f, hi = x > 89.0f, nan = x != x;
+    part big = {0}, small = {0};
+    big += 89.0f, small += -104.0f;
+    part xc = (part)((lo & (int_part)small) | (~lo & ((hi & (int_part)big) | (~hi & (int_part)x))));
+    part n = (xc * 1.44269504088896341f + round) - round;
+    part r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+    part p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    int_part ni = __builtin_convertvector(n, int_part), n1 = ni / 2, n2 = ni - n1;
+    part f1 = (part)((n1 + 127) << 23), f2 = (part)((n2 + 127) << 23);
+    part y = p * f1 * f2;
+    return (part)((nan & (int_part)x) | (~nan & (int_part)y));
+}
+
 static inline part load_part(const float *p) {
     part v;
     memcpy(&v, p, sizeof v);
@@ -325,7 +350,11 @@ static float softmax_unscaled(float *p, long n) {
     }
     for (; j < n; j++) mx = p[j] > mx ? p[j] : mx;
     if (mx != mx || mx == INFINITY || mx == -INFINITY) mx = 0;    /* NaN or inf scores propagate below */
-    for (j = 0; j < n; j++) p[j] = exp_f(p[j] - mx);
+    for (j = 0; j + PART <= n; j += PART) {
+        part e = exp_part(load_part(p + j) - mx);
+        memcpy(p + j, &e, sizeof e);
+    }
+    for (; j < n; j++) p[j] = exp_f(p[j] - mx);
     return sum(p, n);
 }
 
@@ -509,9 +538,15 @@ void attention(const float *qkv, long stride, const float *cos, const float *sin
 /* SwiGLU's middle: out = silu(gate) * up = gate / (1 + exp(-gate)) * up, for M rows of
  * [gate (F), up (F)] (the fused gate/up projection's output). */
 void silu_mul(const float *gu, float *out, long M, long F) {
-    for (long m = 0; m < M; m++, gu += 2 * F, out += F)
-        for (long f = 0; f < F; f++)
+    for (long m = 0; m < M; m++, gu += 2 * F, out += F) {
+        long f = 0;
+        for (; f + PART <= F; f += PART) {
+            part g = load_part(gu + f), y = g / (1.0f + exp_part(-g)) * load_part(gu + F + f);
+            memcpy(out + f, &y, sizeof y);
+        }
+        for (; f < F; f++)
             out[f] = gu[f] / (1.0f + exp_f(-gu[f])) * gu[F + f];
+    }
 }
 
 /* The index of each row's largest value, for M rows x (M, N), into out (M): the first one,
@@ -660,7 +695,12 @@ static void guess(const float *z, long V, float *e, float *f) {
     }
     for (long j = 0; j < V; j++)
         if (j != j1 && (j2 < 0 || z[j] > z[j2])) j2 = j;
-    for (long j = 0; j < V; j++) e[j] = exp_f(z[j] - m);
+    long j = 0;
+    for (; j + PART <= V; j += PART) {
+        part v = exp_part(load_part(z + j) - m);
+        memcpy(e + j, &v, sizeof v);
+    }
+    for (; j < V; j++) e[j] = exp_f(z[j] - m);
     float s = sum(e, V), lse = m + logf(s);      /* s >= 1: the top-1's own term is exp(0) */
     f[1] = 1.0f / s;
     f[2] = j2 < 0 ? 0.0f : e[j2] / s;
