@@ -100,32 +100,53 @@ static int split_row(const float *x, long K, long Kp, uint8_t *q, float *s) {
     s[1] = s2;
     return 1;
 }
-#elif defined(AVX2)
+#else
 #define OFFSET 0
-/* the plain C version below, 8 floats at a time: the same operations, so the same bytes */
+/* the largest |x[k]| for k in from..K-1, or amax if larger, into amax; 0 where one is NaN or inf */
+static int max_abs(const float *x, long from, long K, float *amax) {
+    for (long k = from; k < K; k++) {
+        float a = fabsf(x[k]);
+        if (!(a <= FLT_MAX)) return 0;
+        if (a > *amax) *amax = a;
+    }
+    return 1;
+}
+
+/* x[k] for k in from..K-1 on the two levels, one at a time */
+static void split_each(const float *x, long from, long K, long Kp, float s1, float s2, uint8_t *q) {
+    for (long k = from; k < K; k++) {
+        float a = fminf(fmaxf(nearbyintf(x[k] / s1), -127.0f), 127.0f);
+        float b = fminf(fmaxf(nearbyintf((x[k] - a * s1) / s2), -127.0f), 127.0f);
+        q[k] = (uint8_t)(int8_t)a;
+        q[Kp + k] = (uint8_t)(int8_t)b;
+    }
+}
+
+/* With AVX2, 8 floats at a time first: the same operations as split_each, so the same bytes */
 static int split_row(const float *x, long K, long Kp, uint8_t *q, float *s) {
+    float amax = 0;
+    long k = 0;
+#ifdef AVX2
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), big = _mm256_set1_ps(FLT_MAX);
     __m256 vmax = _mm256_setzero_ps(), bad = vmax;
-    long k = 0;
     for (; k + 8 <= K; k += 8) {
         __m256 a = _mm256_and_ps(_mm256_loadu_ps(x + k), absmask);
         bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, big, _CMP_NLE_UQ));                /* NaN or inf */
         vmax = _mm256_max_ps(vmax, a);
     }
     if (_mm256_movemask_ps(bad)) return 0;
-    float m[8], amax = 0;
+    float m[8];
     _mm256_storeu_ps(m, vmax);
     for (int l = 0; l < 8; l++) amax = m[l] > amax ? m[l] : amax;
-    for (; k < K; k++) {
-        float a = fabsf(x[k]);
-        if (!(a <= FLT_MAX)) return 0;
-        if (a > amax) amax = a;
-    }
+#endif
+    if (!max_abs(x, k, K, &amax)) return 0;
     float s1 = amax > 1e-30f ? amax / 127.0f : 1.0f, s2 = s1 / 254.0f;
+    memset(q, OFFSET, 2 * Kp);
+    k = 0;
+#ifdef AVX2
     const __m256 v1 = _mm256_set1_ps(s1), v2 = _mm256_set1_ps(s2), lo = _mm256_set1_ps(-127), hi = _mm256_set1_ps(127);
     const int even = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-    memset(q, 0, 2 * Kp);
-    for (k = 0; k + 8 <= K; k += 8) {
+    for (; k + 8 <= K; k += 8) {
         __m256 xv = _mm256_loadu_ps(x + k);
         __m256 a = _mm256_min_ps(_mm256_max_ps(_mm256_round_ps(_mm256_div_ps(xv, v1), even), lo), hi);
         __m256 b = _mm256_sub_ps(xv, _mm256_mul_ps(a, v1));
@@ -136,33 +157,8 @@ static int split_row(const float *x, long K, long Kp, uint8_t *q, float *s) {
         _mm_storel_epi64((__m128i *)(q + k), _mm_packs_epi16(a16, a16));
         _mm_storel_epi64((__m128i *)(q + Kp + k), _mm_packs_epi16(b16, b16));
     }
-    for (; k < K; k++) {
-        float a = fminf(fmaxf(nearbyintf(x[k] / s1), -127.0f), 127.0f);
-        float b = fminf(fmaxf(nearbyintf((x[k] - a * s1) / s2), -127.0f), 127.0f);
-        q[k] = (uint8_t)(int8_t)a;
-        q[Kp + k] = (uint8_t)(int8_t)b;
-    }
-    s[0] = s1;
-    s[1] = s2;
-    return 1;
-}
-#else
-#define OFFSET 0
-static int split_row(const float *x, long K, long Kp, uint8_t *q, float *s) {
-    float amax = 0;
-    for (long k = 0; k < K; k++) {
-        float a = fabsf(x[k]);
-        if (!(a <= FLT_MAX)) return 0;
-        if (a > amax) amax = a;
-    }
-    float s1 = amax > 1e-30f ? amax / 127.0f : 1.0f, s2 = s1 / 254.0f;
-    memset(q, OFFSET, 2 * Kp);
-    for (long k = 0; k < K; k++) {
-        float a = fminf(fmaxf(nearbyintf(x[k] / s1), -127.0f), 127.0f);
-        float b = fminf(fmaxf(nearbyintf((x[k] - a * s1) / s2), -127.0f), 127.0f);
-        q[k] = (uint8_t)(int8_t)a;
-        q[Kp + k] = (uint8_t)(int8_t)b;
-    }
+#endif
+    split_each(x, k, K, Kp, s1, s2, q);
     s[0] = s1;
     s[1] = s2;
     return 1;
