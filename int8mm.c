@@ -3,18 +3,24 @@
  * channel. int8mm.py defines the same arithmetic in PyTorch (int8mm_reference), packs W and
  * builds this file for the CPU it runs on; the tests check that both give the same bits.
  *
- * Each row of x is written on two int8 levels, x ~= s1*q1 + s2*q2, with q1, q2 in -127..127,
- * s1 = max|x| / 127 and s2 = s1 / 254: about 15 bits, finer than bfloat16's 8. Then every
- * product q.w is a sum of integers, exact in int32 in whatever order it is added, so
+ * Each row of x is written as 16-bit integers, x ~= s*q with q in -32767..32767 and
+ * s = max|x| / 32767: finer than bfloat16's 8 bits. Then every product q.w is a sum of
+ * integers, exact in whatever order it is added, so
  *   - a row's result never depends on the other rows in its call (batch invariance), and
  *   - the four paths below (AMX tiles, AVX-512 VNNI, AVX2, plain C) give the same bits.
- * y[m, n] = float((s1*d1 + s2*d2) * scale[n]) in double, d1 and d2 being the two levels' dot
- * products, then + bias[n] in float32. A row holding a NaN or an inf gives NaN.
+ * y[m, n] = float((s*d) * scale[n]) in double, d being the dot product, then + bias[n] in
+ * float32. A row holding a NaN or an inf gives NaN.
+ *
+ * The byte paths (AMX, VNNI, plain C) multiply bytes: they write q as 256*hi + lo, hi in
+ * -128..127 stored as hi + 128 and lo in 0..255, two unsigned byte rows ("levels"), and
+ * d = 256*(d_hi - 128*wsum) + d_lo. AVX2's has no unsigned-by-signed byte product that
+ * cannot saturate, so it multiplies q as int16 (vpmaddwd): one instruction a row where
+ * bytes took four.
  *
  * W is packed (int8mm.pack) into tiles of 16 outputs by 64 inputs, 1 KB each, [N/16][K/64][16][16][4]:
  * tile row r holds, for each of its 16 outputs, inputs 4r..4r+3. That is the layout AMX's
- * TDPBUSD reads, and the vector paths read it too: 4 bytes of x, broadcast, times a tile row
- * gives 16 outputs' partial sums in one instruction, with no sums across lanes at the end.
+ * TDPBUSD reads, and the vector paths read it too: 4 inputs of x, broadcast, times a tile row
+ * gives 16 outputs' partial sums, with no sums across lanes until the end.
  * N and K are padded to 16 and 64 with zero weights.
  *
  * Built with -ffp-contract=off (a fused multiply-add would round differently from PyTorch's
@@ -36,10 +42,11 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
-#if defined(VNNI) || defined(AVX2)
+#ifdef __AVX2__
 #include <immintrin.h>
 #endif
 
+#define QMAX 32767  /* q's range: -QMAX..QMAX */
 #define ROWS 8      /* rows of x per pass: AMX's 16-row tile holds 8 rows' two levels */
 #define AHEAD 8     /* weight tiles (1 KB each) prefetched ahead, into L2: a greedy int8 token 3-10%
                        faster than 2 tiles into L1 (README, "int8's kernel") */
@@ -66,42 +73,6 @@ const char *int8mm_isa(void) {
 #endif
 }
 
-/* Row x (K floats) as s[0]*q[0..K) + s[1]*q[Kp..Kp+K); 0 when it holds a NaN or an inf.
-   The levels are stored as q + 128 (unsigned) where the kernel multiplies unsigned by signed
-   bytes (AMX, VNNI), as q elsewhere; padding past K is 0 either way in value. */
-#ifdef VNNI
-#define OFFSET 128
-static int split_row(const float *x, long K, long Kp, uint8_t *q, float *s) {
-    __m512 vmax = _mm512_setzero_ps();
-    __mmask16 bad = 0;
-    for (long k = 0; k < K; k += 16) {
-        __mmask16 m = K - k >= 16 ? 0xffff : (__mmask16)((1u << (K - k)) - 1);
-        __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(m, x + k));
-        bad |= _mm512_cmp_ps_mask(a, _mm512_set1_ps(FLT_MAX), _CMP_NLE_UQ);     /* NaN or inf */
-        vmax = _mm512_max_ps(vmax, a);
-    }
-    if (bad) return 0;
-    float amax = _mm512_reduce_max_ps(vmax);
-    float s1 = amax > 1e-30f ? amax / 127.0f : 1.0f, s2 = s1 / 254.0f;
-    const __m512 v1 = _mm512_set1_ps(s1), v2 = _mm512_set1_ps(s2), lo = _mm512_set1_ps(-127), hi = _mm512_set1_ps(127);
-    const int even = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-    memset(q, OFFSET, 2 * Kp);
-    for (long k = 0; k < K; k += 16) {
-        __mmask16 m = K - k >= 16 ? 0xffff : (__mmask16)((1u << (K - k)) - 1);
-        __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
-        __m512 a = _mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_div_ps(xv, v1), even), lo), hi);
-        __m512 b = _mm512_sub_ps(xv, _mm512_mul_ps(a, v1));
-        b = _mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_div_ps(b, v2), even), lo), hi);
-        const __m512i off = _mm512_set1_epi32(OFFSET);
-        _mm_mask_storeu_epi8(q + k, m, _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(a), off)));
-        _mm_mask_storeu_epi8(q + Kp + k, m, _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(b), off)));
-    }
-    s[0] = s1;
-    s[1] = s2;
-    return 1;
-}
-#else
-#define OFFSET 0
 /* the largest |x[k]| for k in from..K-1, or amax if larger, into amax; 0 where one is NaN or inf */
 static int max_abs(const float *x, long from, long K, float *amax) {
     for (long k = from; k < K; k++) {
@@ -112,21 +83,13 @@ static int max_abs(const float *x, long from, long K, float *amax) {
     return 1;
 }
 
-/* x[k] for k in from..K-1 on the two levels, one at a time */
-static void split_each(const float *x, long from, long K, long Kp, float s1, float s2, uint8_t *q) {
-    for (long k = from; k < K; k++) {
-        float a = fminf(fmaxf(nearbyintf(x[k] / s1), -127.0f), 127.0f);
-        float b = fminf(fmaxf(nearbyintf((x[k] - a * s1) / s2), -127.0f), 127.0f);
-        q[k] = (uint8_t)(int8_t)a;
-        q[Kp + k] = (uint8_t)(int8_t)b;
-    }
-}
-
-/* With AVX2, 8 floats at a time first: the same operations as split_each, so the same bytes */
-static int split_row(const float *x, long K, long Kp, uint8_t *q, float *s) {
+/* Row x (K floats) as s * q (Kp int16s, 0 past K); 0 when it holds a NaN or an inf.
+   With AVX2 (AVX-512 CPUs have it too), 8 floats at a time first: the same operations as the
+   scalar loop after it, so the same integers. */
+static int split_row(const float *x, long K, long Kp, int16_t *q, float *s) {
     float amax = 0;
     long k = 0;
-#ifdef AVX2
+#ifdef __AVX2__
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), big = _mm256_set1_ps(FLT_MAX);
     __m256 vmax = _mm256_setzero_ps(), bad = vmax;
     for (; k + 8 <= K; k += 8) {
@@ -140,40 +103,96 @@ static int split_row(const float *x, long K, long Kp, uint8_t *q, float *s) {
     for (int l = 0; l < 8; l++) amax = m[l] > amax ? m[l] : amax;
 #endif
     if (!max_abs(x, k, K, &amax)) return 0;
-    float s1 = amax > 1e-30f ? amax / 127.0f : 1.0f, s2 = s1 / 254.0f;
-    memset(q, OFFSET, 2 * Kp);
+    float sc = amax > 1e-30f ? amax / (float)QMAX : 1.0f;
     k = 0;
-#ifdef AVX2
-    const __m256 v1 = _mm256_set1_ps(s1), v2 = _mm256_set1_ps(s2), lo = _mm256_set1_ps(-127), hi = _mm256_set1_ps(127);
-    const int even = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+#ifdef __AVX2__
+    const __m256 v = _mm256_set1_ps(sc), lo = _mm256_set1_ps(-QMAX), hi = _mm256_set1_ps(QMAX);
     for (; k + 8 <= K; k += 8) {
-        __m256 xv = _mm256_loadu_ps(x + k);
-        __m256 a = _mm256_min_ps(_mm256_max_ps(_mm256_round_ps(_mm256_div_ps(xv, v1), even), lo), hi);
-        __m256 b = _mm256_sub_ps(xv, _mm256_mul_ps(a, v1));
-        b = _mm256_min_ps(_mm256_max_ps(_mm256_round_ps(_mm256_div_ps(b, v2), even), lo), hi);
-        __m256i ai = _mm256_cvtps_epi32(a), bi = _mm256_cvtps_epi32(b);            /* whole numbers: exact */
-        __m128i a16 = _mm_packs_epi32(_mm256_castsi256_si128(ai), _mm256_extracti128_si256(ai, 1));
-        __m128i b16 = _mm_packs_epi32(_mm256_castsi256_si128(bi), _mm256_extracti128_si256(bi, 1));
-        _mm_storel_epi64((__m128i *)(q + k), _mm_packs_epi16(a16, a16));
-        _mm_storel_epi64((__m128i *)(q + Kp + k), _mm_packs_epi16(b16, b16));
+        __m256 a = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + k), v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m256i ai = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(a, lo), hi));      /* whole numbers: exact */
+        _mm_storeu_si128((__m128i *)(q + k), _mm_packs_epi32(_mm256_castsi256_si128(ai), _mm256_extracti128_si256(ai, 1)));
     }
 #endif
-    split_each(x, k, K, Kp, s1, s2, q);
-    s[0] = s1;
-    s[1] = s2;
+    for (; k < K; k++) q[k] = (int16_t)fminf(fmaxf(nearbyintf(x[k] / sc), -QMAX), QMAX);
+    memset(q + K, 0, (Kp - K) * sizeof(int16_t));
+    *s = sc;
     return 1;
 }
-#endif
 
-/* 4 bytes of x as one int32 (memcpy: one load, without breaking C's aliasing rules) */
-static inline int32_t load4(const uint8_t *p) {
+/* 4 bytes as one int32, 8 as one int64 (memcpy: one load, without breaking C's aliasing rules) */
+static inline int32_t load4(const void *p) {
     int32_t v;
     memcpy(&v, p, 4);
     return v;
 }
 
-/* d[2m + l][j] = sum_k q_l[m][k] * w[j][k] for one tile column (16 outputs; wt: its KB tiles)
-   and rows rows of q (each 2 * Kp bytes: the two levels). Sums of q + 128 less 128 * wsum. */
+static inline int64_t load8(const void *p) {
+    int64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+
+#ifdef AVX2
+/* *a += p, in a's own register: written as _mm256_add_epi32, GCC 12 gave the sums a second
+   set of registers, copied back each step, and with eight sums ran out and kept one on the
+   stack (a store and a load in the loop's critical path) */
+static inline __attribute__((always_inline)) void add_into(__m256i *a, __m256i p) {
+    __asm__("vpaddd %1, %0, %0" : "+x"(*a) : "x"(p));
+}
+
+/* d[g][j] = sum_k q[g][k] * w[j][k] for one tile column (16 outputs; wt: its Kp/64 tiles) and
+   G rows of q (Kp int16s each, Kp apart). Each weight tile row (64 bytes, 16 outputs by 4
+   inputs) is widened to int16 in 4 registers of 4 outputs, each used by the G rows; vpmaddwd
+   sums an output's inputs in pairs into int32 lanes. Every 16 tiles (1024 inputs) a lane has
+   added at most 16*32 products of at most 32767*127, 2.13e9 < 2^31: then the lanes go into
+   int64. Without the prefetch (AHEAD tiles into L2) 8 rows took 10% longer, one row 1%. */
+static inline __attribute__((always_inline)) void dots_avx2(const int16_t *q, long Kp, const int8_t *wt, int G,
+                                                            int64_t d[][16]) {
+    for (int g = 0; g < G; g++) memset(d[g], 0, sizeof d[g]);
+    for (long kb0 = 0; kb0 < Kp / 64; kb0 += 16) {
+        long kb1 = kb0 + 16 < Kp / 64 ? kb0 + 16 : Kp / 64;
+        /* row 0's sums in a0..a3, row 1's in b0..b3 */
+        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        for (long kb = kb0; kb < kb1; kb++) {
+            const int8_t *t = wt + kb * 1024;
+            const int16_t *x = q + kb * 64;
+            for (int l = 0; l < 1024; l += 64) _mm_prefetch((const char *)(t + AHEAD * 1024 + l), _MM_HINT_T1);
+            for (int i = 0; i < 16; i++, t += 64, x += 4) {
+                __m256i x0 = _mm256_set1_epi64x(load8(x)), x1 = G > 1 ? _mm256_set1_epi64x(load8(x + Kp)) : x0;  /* 4 inputs, 4 times */
+#define MAC(j, a, b) { __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(t + 16 * j))); \
+                       add_into(&a, _mm256_madd_epi16(x0, w)); \
+                       if (G > 1) add_into(&b, _mm256_madd_epi16(x1, w)); }
+                MAC(0, a0, b0) MAC(1, a1, b1) MAC(2, a2, b2) MAC(3, a3, b3)
+#undef MAC
+            }
+        }
+        __m256i acc[2][4] = {{a0, a1, a2, a3}, {b0, b1, b2, b3}};
+        for (int g = 0; g < G; g++)
+            for (int j = 0; j < 4; j++) {
+                int32_t lane[8];            /* outputs 4j..4j+3, two partial sums each */
+                _mm256_storeu_si256((__m256i *)lane, acc[g][j]);
+                for (int o = 0; o < 4; o++) d[g][4 * j + o] += (int64_t)lane[2 * o] + lane[2 * o + 1];
+            }
+    }
+}
+
+static void dots(const int16_t *q, long Kp, const int8_t *wt, int rows, int64_t d[ROWS][16]) {
+    int m = 0;
+    for (; m + 2 <= rows; m += 2) dots_avx2(q + m * Kp, Kp, wt, 2, d + m);
+    if (m < rows) dots_avx2(q + m * Kp, Kp, wt, 1, d + m);
+}
+#else
+/* The byte paths. q's row as two byte rows (levels), Kp apart: hi + 128, then lo. */
+static void to_bytes(const int16_t *q, long Kp, uint8_t *b) {
+    for (long k = 0; k < Kp; k++) {
+        b[k] = (uint8_t)((q[k] >> 8) + 128);      /* q >> 8: floor(q / 256), -128..127 */
+        b[Kp + k] = (uint8_t)(q[k] & 255);
+    }
+}
+
+/* d32[r][j] = sum_k b[r][k] * w[j][k] for one tile column (16 outputs; wt: its KB tiles) and
+   2 * rows byte rows of b (each Kp bytes), sums of unsigned by signed bytes: at most
+   255 * 127 * K, within int32 for K below int8mm.py's MAX_K. */
 #ifdef AMX
 typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } tile_config;
 
@@ -188,55 +207,21 @@ static void tiles_on(void) {
     _tile_loadconfig(&c);
 }
 
-static void dots_amx(const uint8_t *q, long Kp, const int8_t *wt, const int32_t *wsum, int rows, int32_t d[2 * ROWS][16]) {
+static void byte_dots_amx(const uint8_t *b, long Kp, const int8_t *wt, int32_t d32[2 * ROWS][16]) {
     _tile_zero(2);
     for (long kb = 0; kb < Kp / 64; kb++) {
         for (int l = 0; l < 1024; l += 64) _mm_prefetch((const char *)(wt + (kb + AHEAD) * 1024 + l), _MM_HINT_T1);
-        _tile_loadd(0, q + kb * 64, Kp);          /* rows past `rows` hold stale bytes: their sums are not read */
+        _tile_loadd(0, b + kb * 64, Kp);          /* rows past `rows` hold stale bytes: their sums are not read */
         _tile_loadd(1, wt + kb * 1024, 64);
         _tile_dpbusd(2, 0, 1);
     }
-    _tile_stored(2, d, 64);
-    for (int r = 0; r < 2 * rows; r++)
-        for (int j = 0; j < 16; j++) d[r][j] -= OFFSET * wsum[j];
+    _tile_stored(2, d32, 64);
 }
 #endif
 
-#ifdef AVX2
-/* AVX2 has no byte dot product into int32: |x| times w with x's sign (maddubs: byte pairs of
-   at most 2 * 127 * 127, never saturated), then pairs of those (madd). G level-rows at once
-   share each weight load: the sums of 4 level-rows fill 8 of the 16 registers. */
-static inline __attribute__((always_inline)) void dots_avx2(const uint8_t *q, long Kp, const int8_t *wt, int G,
-                                                            int32_t d[][16]) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256i lo[4], hi[4];
-    for (int g = 0; g < G; g++) lo[g] = hi[g] = _mm256_setzero_si256();
-    for (long kb = 0; kb < Kp / 64; kb++) {
-        const int8_t *t = wt + kb * 1024;
-        for (int i = 0; i < 16; i++) {
-            __m256i w0 = _mm256_loadu_si256((const __m256i *)(t + 64 * i)), w1 = _mm256_loadu_si256((const __m256i *)(t + 64 * i + 32));
-            for (int g = 0; g < G; g++) {
-                __m256i xv = _mm256_set1_epi32(load4(q + g * Kp + kb * 64 + 4 * i)), ax = _mm256_sign_epi8(xv, xv);
-                lo[g] = _mm256_add_epi32(lo[g], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w0, xv)), ones));
-                hi[g] = _mm256_add_epi32(hi[g], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w1, xv)), ones));
-            }
-        }
-    }
-    for (int g = 0; g < G; g++) {
-        _mm256_storeu_si256((__m256i *)d[g], lo[g]);
-        _mm256_storeu_si256((__m256i *)(d[g] + 8), hi[g]);
-    }
-}
-#endif
-
-static void dots(const uint8_t *q, long Kp, const int8_t *wt, const int32_t *wsum, int rows, int32_t d[2 * ROWS][16]) {
-#if defined(AVX2)
-    int r = 0;
-    for (; r + 4 <= 2 * rows; r += 4) dots_avx2(q + r * Kp, Kp, wt, 4, d + r);     /* two rows' levels */
-    if (r < 2 * rows) dots_avx2(q + r * Kp, Kp, wt, 2, d + r);                     /* one row's */
-#else
+static void byte_dots(const uint8_t *b, long Kp, const int8_t *wt, int rows, int32_t d32[2 * ROWS][16]) {
     for (int r = 0; r < 2 * rows; r++) {
-        const uint8_t *x = q + r * Kp;
+        const uint8_t *x = b + r * Kp;
 #if defined(VNNI)
         /* four accumulators (tile rows r mod 4) so that the additions overlap */
         __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
@@ -251,36 +236,53 @@ static void dots(const uint8_t *q, long Kp, const int8_t *wt, const int32_t *wsu
                 a3 = _mm512_dpbusd_epi32(a3, _mm512_set1_epi32(load4(xs + 4 * i + 12)), _mm512_loadu_si512(t + 64 * i + 192));
             }
         }
-        __m512i sum = _mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3));
-        _mm512_storeu_si512(d[r], _mm512_sub_epi32(sum, _mm512_mullo_epi32(_mm512_loadu_si512(wsum), _mm512_set1_epi32(OFFSET))));
+        _mm512_storeu_si512(d32[r], _mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3)));
 #else
         for (int j = 0; j < 16; j++) {
             int32_t s = 0;
             for (long kb = 0; kb < Kp / 64; kb++)
-                for (int i = 0; i < 64; i++) s += (int8_t)x[kb * 64 + i] * wt[kb * 1024 + (i / 4) * 64 + 4 * j + i % 4];
-            d[r][j] = s;
+                for (int i = 0; i < 64; i++) s += x[kb * 64 + i] * wt[kb * 1024 + (i / 4) * 64 + 4 * j + i % 4];
+            d32[r][j] = s;
         }
 #endif
     }
-#endif
-    (void)wsum;
 }
+
+/* Both levels' sums of each row as q's: d = 256 * (d_hi - 128 * wsum) + d_lo */
+static void dots(const uint8_t *b, long Kp, const int8_t *wt, const int32_t *wsum, int rows, int64_t d[ROWS][16]) {
+    int32_t d32[2 * ROWS][16];
+#ifdef AMX
+    if (use_amx()) byte_dots_amx(b, Kp, wt, d32);
+    else
+#endif
+    byte_dots(b, Kp, wt, rows, d32);
+    for (int m = 0; m < rows; m++)
+        for (int j = 0; j < 16; j++) d[m][j] = 256 * ((int64_t)d32[2 * m][j] - 128 * (int64_t)wsum[j]) + d32[2 * m + 1][j];
+}
+#endif
 
 /* y (M, N) = x (M, K) W^T as above; wp: W packed, wsum[n] = sum_k W[n, k].
    Returns 0, or 1 when out of memory. */
 int int8mm(const float *x, const int8_t *wp, const int32_t *wsum, const float *scale, const float *bias,
            float *y, long M, long K, long N) {
     long Kp = (K + 63) / 64 * 64, tiles = (N + 15) / 16, Mp = (M + ROWS - 1) / ROWS * ROWS;
-    uint8_t *q = aligned_alloc(64, 2 * Mp * Kp);
-    float *s = malloc(2 * M * sizeof(float));
+    int16_t *q = aligned_alloc(64, Mp * Kp * sizeof(int16_t));
+    float *s = malloc(M * sizeof(float));
     int *finite = malloc(M * sizeof(int));
-    if (!q || !s || !finite) {
-        free(q); free(s); free(finite);
+#ifdef AVX2
+    uint8_t *b = NULL;                                       /* AVX2 multiplies q itself */
+    int bytes = 0;
+#else
+    uint8_t *b = aligned_alloc(64, 2 * Mp * Kp);             /* row m's two levels at 2 * m * Kp */
+    int bytes = 1;
+#endif
+    if (!q || !s || !finite || (bytes && !b)) {
+        free(q); free(s); free(finite); free(b);
         return 1;
     }
-    if (M == 1) finite[0] = split_row(x, K, Kp, q, s);      /* one row: here, with no barrier to wait at */
-    int amx = use_amx();
+    int amx = use_amx();                                     /* asked here, before the threads */
     (void)amx;
+    if (M == 1) finite[0] = split_row(x, K, Kp, q, s);      /* one row: here, with no barrier to wait at */
     #pragma omp parallel
     {
 #ifdef AMX
@@ -288,9 +290,14 @@ int int8mm(const float *x, const int8_t *wp, const int32_t *wsum, const float *s
 #endif
         if (M > 1) {                         /* several rows: the threads split them (each row alone) */
             #pragma omp for schedule(static)
-            for (long m = 0; m < M; m++) finite[m] = split_row(x + m * K, K, Kp, q + 2 * m * Kp, s + 2 * m);
+            for (long m = 0; m < M; m++) finite[m] = split_row(x + m * K, K, Kp, q + m * Kp, s + m);
         }
-        int32_t d[2 * ROWS][16], pad[16];
+#ifndef AVX2
+        #pragma omp for schedule(static)
+        for (long m = 0; m < M; m++) to_bytes(q + m * Kp, Kp, b + 2 * m * Kp);
+#endif
+        int64_t d[ROWS][16];
+        int32_t pad[16];
         #pragma omp for schedule(static)
         for (long t = 0; t < tiles; t++) {
             long n0 = t * 16, nn = N - n0 < 16 ? N - n0 : 16;
@@ -303,16 +310,17 @@ int int8mm(const float *x, const int8_t *wp, const int32_t *wsum, const float *s
             }
             for (long m0 = 0; m0 < M; m0 += ROWS) {     /* the tile column stays in L1/L2 from one pass to the next */
                 int rows = M - m0 < ROWS ? (int)(M - m0) : ROWS;
-#ifdef AMX
-                if (amx) dots_amx(q + 2 * m0 * Kp, Kp, wt, ws, rows, d);
-                else
+#ifdef AVX2
+                dots(q + m0 * Kp, Kp, wt, rows, d);
+                (void)ws;
+#else
+                dots(b + 2 * m0 * Kp, Kp, wt, ws, rows, d);
 #endif
-                dots(q + 2 * m0 * Kp, Kp, wt, ws, rows, d);
                 for (int m = 0; m < rows; m++) {
-                    double s1 = s[2 * (m0 + m)], s2 = s[2 * (m0 + m) + 1];
+                    double sm = s[m0 + m];
                     float *out = y + (m0 + m) * N + n0;
                     for (long j = 0; j < nn; j++) {
-                        float r = (float)((s1 * d[2 * m][j] + s2 * d[2 * m + 1][j]) * scale[n0 + j]);
+                        float r = (float)((sm * (double)d[m][j]) * scale[n0 + j]);
                         out[j] = finite[m0 + m] ? (bias ? r + bias[n0 + j] : r) : NAN;
                     }
                 }
@@ -322,6 +330,6 @@ int int8mm(const float *x, const int8_t *wp, const int32_t *wsum, const float *s
         if (amx) _tile_release();
 #endif
     }
-    free(q); free(s); free(finite);
+    free(q); free(s); free(finite); free(b);
     return 0;
 }

@@ -2,8 +2,8 @@
 The int8 matmul that every int8 linear layer runs: y = x W^T for W stored as int8 with one
 float32 scale per output channel (quantize.Int8Linear holds the weights).
 
-Each row of x is written on two int8 levels, x ~= s1*q1 + s2*q2 (about 15 bits: finer than
-bfloat16), so that its products with W are integer sums, exact in any order. That makes the
+Each row of x is written as 16-bit integers, x ~= s*q (finer than bfloat16), so that its
+products with W are integer sums, exact in any order. That makes the
 result of a row independent of the other rows in its call (batch invariance: AdaDecode's
 batched rows get greedy's bits) and lets a vector kernel add in any order it likes.
 
@@ -24,29 +24,26 @@ import cbuild
 from cbuild import TRIES
 
 SOURCE = Path(__file__).with_name("int8mm.c")
-MAX_K = 66_000        # past this an int32 sum of K products of at most 255 * 127 could overflow
+QMAX = 32767          # each row of activations as s * q, q on -QMAX..QMAX
+MAX_K = 66_000        # past this the byte paths' int32 sum of K products of at most 255 * 127 could overflow
 
 
-def split_levels(x):
-    """Each row of x (M, K) float32 as s1*q1 + s2*q2, q on -127..127 (float tensors holding
-    integers): (q1, q2, s1, s2), s (M, 1). A row of zeros (or of values below 1e-30) gets s1 = 1."""
+def split_rows(x):
+    """Each row of x (M, K) float32 as s * q, q on -32767..32767 (a float tensor holding
+    integers): (q, s), s (M, 1). A row of zeros (or of values below 1e-30) gets s = 1."""
     amax = x.abs().amax(-1, keepdim=True)
-    s1 = torch.where(amax > 1e-30, amax / 127, 1.0)
-    q1 = torch.round(x / s1).clamp(-127, 127)
-    s2 = s1 / 254
-    q2 = torch.round((x - q1 * s1) / s2).clamp(-127, 127)
-    return q1, q2, s1, s2
+    s = torch.where(amax > 1e-30, amax / QMAX, 1.0)
+    return torch.round(x / s).clamp(-QMAX, QMAX), s
 
 
 def int8mm_reference(x, wq, scale, bias=None):
     """y (M, N) float32 = x (M, K) float32 times wq (N, K) int8 scaled by scale (N,) float32,
-    the way int8mm.c computes it: both levels' dot products in float64, where sums of
-    integers below 2**53 are exact; then (s1*d1 + s2*d2) * scale in float64, rounded to
-    float32, plus bias. A row with a NaN or an inf gives NaN."""
+    the way int8mm.c computes it: the dot products of q and wq in float64, where sums of
+    integers below 2**53 are exact; then (s * d) * scale in float64, rounded to float32,
+    plus bias. A row with a NaN or an inf gives NaN."""
     bad = ~torch.isfinite(x).all(-1, keepdim=True)
-    q1, q2, s1, s2 = split_levels(torch.where(bad, 0.0, x))
-    w = wq.double().t()
-    y = ((s1.double() * (q1.double() @ w) + s2.double() * (q2.double() @ w)) * scale.double()).float()
+    q, s = split_rows(torch.where(bad, 0.0, x))
+    y = ((s.double() * (q.double() @ wq.double().t())) * scale.double()).float()
     y = torch.where(bad, float("nan"), y)
     return y if bias is None else y + bias
 

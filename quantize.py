@@ -28,7 +28,7 @@ def int8_grid(weight):
 
 class Int8Linear(nn.Module):
     """A linear layer with weight-only int8 quantisation: W ~= Wq * scale, one scale per output
-    row, multiplied by int8mm (int8mm.py: each row of activations on two int8 levels, about 15
+    row, multiplied by int8mm (int8mm.py: each row of activations as 16-bit integers, about 15
     bits, and integer dot products; Wq stored in the kernel's tiles). The residual stream,
     norms and attention around it stay in float32. It reads a quarter of float32's bytes, and
     its result for a row is bit-identical whatever the number of rows in the call, which

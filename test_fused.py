@@ -438,12 +438,12 @@ def test_an_exit_check_in_one_call(int8, residual, shortlist, rows, seed):
     assert all(torch.equal(got[r], one[r]) for r in range(rows))           # alone or in a call: the same bits
     # How far the logits may move: the norm and silu are float32 summed in another order (a few
     # ulps; 64 of the row's largest logit allowed), and in int8 the projection then rounds its
-    # input to two int8 levels 1/(127 * 254) of the largest apart, where a few ulps can flip a
-    # level: at most that step times a row's summed |weights|.
+    # input to 16-bit integers 1/32767 of the largest apart, where a few ulps can move one by
+    # one: at most that step times a row's summed |weights|.
     W = project.wq.float() * project.scale[:, None] if int8 else project.weight
     dz = 64 * 2.0 ** -24 * z.abs().amax(-1).clamp(min=1)
     if int8:
-        dz = dz + n.abs().amax(-1) / (127 * 254) * W.abs().sum(1).max()
+        dz = dz + n.abs().amax(-1) / 32767 * W.abs().sum(1).max()
     top2 = z.topk(2, dim=-1).values
     clear = top2[:, 0] - top2[:, 1] > 2 * dz
     assert torch.equal(got[clear, 0], want[clear, 0])

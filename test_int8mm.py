@@ -1,6 +1,6 @@
 """int8mm: the C kernel gives the PyTorch reference's bits on every path this CPU runs (AMX,
 AVX-512 VNNI, AVX2, plain C), whatever the shapes, magnitudes, zero or non-finite rows; a row's
-result never depends on its call; the two levels are finer than bfloat16; the build is cached,
+result never depends on its call; 16-bit rows are finer than bfloat16; the build is cached,
 atomic, and falls back to the reference where no compiler works."""
 import subprocess
 from pathlib import Path
@@ -94,7 +94,7 @@ def test_a_rows_result_does_not_depend_on_its_call(kernels, problem, order):
         assert same_bits(alone[0], together[p]) and same_bits(shuffled[i], together[p])
 
 
-def test_two_levels_are_finer_than_bfloat16():
+def test_sixteen_bit_rows_are_finer_than_bfloat16():
     """On activations with outlier features (as a transformer's are), the product's error
     against float64 (the weights' rounding left out) is far below rounding x to bfloat16's."""
     g = torch.Generator().manual_seed(0)
@@ -180,3 +180,20 @@ def test_a_damaged_library_in_the_cache_is_built_again(tmp_path, monkeypatch, ca
     x = torch.randn(3, 70)
     wq, scale = int8_grid(torch.randn(21, 70))
     assert torch.equal(mm(x, pack(wq), wq.sum(1, dtype=torch.int32), scale), int8mm_reference(x, wq, scale))
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_the_largest_sums_are_exact(kernels, sign):
+    """5000 inputs at the extremes, every product +-32767 * 127: AVX2's int32 lanes move into
+    int64 every 1024 inputs, the byte paths' sums stay within int32, and all give the
+    reference's bits (an overflow would be off by 2^32 times something)."""
+    K = 5000
+    x = torch.stack([torch.ones(K), -torch.ones(K), torch.linspace(-1, 1, K)])
+    wq = torch.full((19, K), 127 * sign, dtype=torch.int8)
+    wq[3, ::2] = -127 * sign
+    scale = torch.rand(19) + 0.5
+    want = int8mm_reference(x, wq, scale)
+    assert want[0, 0].item() == pytest.approx(sign * 127 * K * scale[0].item(), rel=1e-6)
+    for name, (fn, _) in kernels.items():
+        got = mm(x, pack(wq), wq.sum(1, dtype=torch.int32), scale, fn=fn)
+        assert same_bits(got, want), name
