@@ -336,17 +336,14 @@ static inline __attribute__((always_inline)) lanes dot16(const float *q, const f
 static float softmax_unscaled(float *p, long n) {
     float mx = -INFINITY;                   /* a maximum is exact in any order; NaNs are passed over */
     long j = 0;
-    if (n >= LANES) {
-        lanes m = load(p);
-        for (j = LANES; j + LANES <= n; j += LANES) {
-            lanes x = load(p + j);
-            for (int h = 0; h < SPLIT; h++) {
-                int_part more = x.p[h] > m.p[h];
-                m.p[h] = (part)(((int_part)x.p[h] & more) | ((int_part)m.p[h] & ~more));
-            }
+    if (n >= PART) {                        /* a part at a time: 16 lanes as a struct went through the stack */
+        part m = load_part(p);
+        for (j = PART; j + PART <= n; j += PART) {
+            part x = load_part(p + j);
+            int_part more = x > m;
+            m = (part)(((int_part)x & more) | ((int_part)m & ~more));
         }
-        for (int h = 0; h < SPLIT; h++)
-            for (int l = 0; l < PART; l++) mx = m.p[h][l] > mx ? m.p[h][l] : mx;
+        for (int l = 0; l < PART; l++) mx = m[l] > mx ? m[l] : mx;
     }
     for (; j < n; j++) mx = p[j] > mx ? p[j] : mx;
     if (mx != mx || mx == INFINITY || mx == -INFINITY) mx = 0;    /* NaN or inf scores propagate below */
@@ -361,16 +358,17 @@ static float softmax_unscaled(float *p, long n) {
 /* softmax_values' weighted sums for three query heads of one KV head at once, from their
  * softmax (softmax_unscaled): o_r = sum_j p_r[j] V[j] / total[r], V (n, D) with D a multiple
  * of 4 * LANES. Head by head, V is read three times; here each value vector is loaded once
- * for the three heads, 2 * PART outputs at a time. Each output is added as softmax_values
+ * for the three heads, 2 * PART outputs at a time, for columns 0..cols-1 of V's D (a multiple
+ * of 2 * PART; V may start at a later column). Each output is added as values1
  * adds it (the even keys' chain, the odd keys' chain, then their sum), so a head gets the
  * same bits either way. What an extra row adds to attention went from 11.1 to 10.0 us (9
  * heads, 3 KV heads, D 64, 300 keys; README, "The thirteenth session"). A function of its
  * own: inlined into attention's parallel part, GCC ran out of registers in its loop. */
 static __attribute__((noinline)) void values3(const float *p0, const float *p1, const float *p2,
-                                              const float *total, long n, const float *V, long D,
+                                              const float *total, long n, const float *V, long D, long cols,
                                               float *o0, float *o1, float *o2) {
     float *o[3] = {o0, o1, o2};
-    for (long d = 0; d < D; d += 2 * PART) {
+    for (long d = 0; d < cols; d += 2 * PART) {
         part e00 = {0}, e01 = {0}, e10 = {0}, e11 = {0}, e20 = {0}, e21 = {0},    /* even keys: head, half */
              d00 = {0}, d01 = {0}, d10 = {0}, d11 = {0}, d20 = {0}, d21 = {0};    /* odd keys */
         const float *v = V + d;
@@ -402,13 +400,12 @@ static __attribute__((noinline)) void values3(const float *p0, const float *p1, 
     }
 }
 
-/* One head's attention from its n scaled scores p (overwritten): softmax(p) . V, V (n, D),
- * into o: the maximum, exp, their sum, the values weighted and summed key by key (fused
+/* One head's attention from its softmax p (softmax_unscaled: n of them, summing to total):
+ * p . V / total, V (n, D), into o, the values weighted and summed key by key (fused
  * multiply-adds), one division at the end. A function of its own, as values3: inlined into
  * attention's parallel part, it cost a one-row call 0.7 us more once values3 was there. */
-static __attribute__((noinline)) void softmax_values(float *p, long n, const float *V, long D, float *o) {
+static __attribute__((noinline)) void values1(const float *p, float total, long n, const float *V, long D, float *o) {
     long j;
-    float total = softmax_unscaled(p, n);
     /* in blocks of 4 * LANES outputs, the even keys' sums apart from the odd keys' (8 chains
      * for the CPU to overlap, 4 * PART outputs at a time in registers); then the rest, one
      * chain each, PART outputs at a time and then one (the same sums either way) */
@@ -453,7 +450,7 @@ static __attribute__((noinline)) void softmax_values(float *p, long n, const flo
  * k (x * cos + roll(x, D/2) * sin; `sin` carries the half-rotation's sign: model.py,
  * Transformer.new_cache), k and v written into the layer's cache k, v (H_kv, S, D), heads
  * kv_stride floats apart, at positions pos+t, q into `out` (T, H, D). Then every (row, head)
- * alone: softmax(q.k * scale) . v over the row's keys (dot16, softmax_values or values3),
+ * alone: softmax(q.k * scale) . v over the row's keys (dot16, softmax_unscaled, values1 or values3),
  * query head h reading KV head h / (H / H_kv), over `out`'s q. */
 void attention(const float *qkv, long stride, const float *cos, const float *sin, float *k, float *v,
                long kv_stride, float *out, long T, long H, long H_kv, long D, long pos, float scale) {
@@ -475,7 +472,7 @@ void attention(const float *qkv, long stride, const float *cos, const float *sin
      * the G heads), then, after the threads meet, each head's softmax and values. Two threads
      * pay off from a few hundred keys on (an OpenMP region costs a few us). */
     long S = pos + T, blocks = (S + 63) / 64, Dp = (D + LANES - 1) / LANES * LANES;
-    float *P = malloc(T * H * S * sizeof(float));   /* row t, head h's scores at P + (t * H + h) * S */
+    float *P = malloc((T * H * S + T * H) * sizeof(float)), *totals = P + T * H * S;  /* row t, head h's scores at P + (t * H + h) * S */
     if (!P) {                                       /* no memory: NaN rows, not a crash */
         for (long i = 0; i < T * H * D; i++) out[i] = NAN;
         return;
@@ -487,7 +484,7 @@ void attention(const float *qkv, long stride, const float *cos, const float *sin
         float qpad[D == Dp ? 1 : G * Dp], kpad[16 * Dp];
         #pragma omp for schedule(static)
         for (long item = 0; item < T * H_kv * blocks; item++) {
-            long t = item / (H_kv * blocks), g = item / blocks % H_kv, j = item % blocks * 64, n = pos + t + 1;
+            long g = item / (blocks * T), j = item / T % blocks * 64, t = item % T, n = pos + t + 1;
             long end = j + 64 < n ? j + 64 : n;
             const float *K = k + g * kv_stride, *q = out + (t * H + g * G) * D;   /* the group's heads: adjacent */
             float *p = P + (t * H + g * G) * S;
@@ -514,22 +511,27 @@ void attention(const float *qkv, long stride, const float *cos, const float *sin
                 }
             }
         }
-        /* then each row's softmax and values: a KV head's query heads three at a time
-         * (values3) where a call has several rows and D allows, else (and for the last one or
-         * two of G) one at a time, which gives a one-row call an item a head for the threads to
-         * share. A head's bits are the same either way, so a row's do not depend on the call. */
-        long threes = T > 1 && D % (4 * LANES) == 0 ? G / 3 : 0, groups = threes + G - 3 * threes;
+        /* then each (row, head)'s softmax, in place, its sum into totals */
         #pragma omp for schedule(static)
-        for (long item = 0; item < T * H_kv * groups; item++) {
-            long t = item / (H_kv * groups), g = item / groups % H_kv, c = item % groups, n = pos + t + 1;
-            long h = g * G + (c < threes ? 3 * c : 3 * threes + c - threes);     /* the group's first head */
-            float *p = P + (t * H + h) * S, *o = out + (t * H + h) * D;
+        for (long item = 0; item < T * H; item++) totals[item] = softmax_unscaled(P + item * S, pos + item / H + 1);
+        /* then the values: a KV head's query heads three at a time (values3: V read once for
+         * three), each three in two halves of D for the two threads, where D allows; the rest
+         * of G one head at a time (values1). A head's bits are the same either way (each output
+         * summed in the same order), so a row's do not depend on the call. Items go KV head by
+         * KV head, then rows, so a call's rows read the same V one after the other. */
+        long threes = D % (4 * LANES) == 0 ? G / 3 : 0, items = 2 * threes + G - 3 * threes;
+        #pragma omp for schedule(static)
+        for (long item = 0; item < T * H_kv * items; item++) {
+            long g = item / (items * T), c = item / T % items, t = item % T, n = pos + t + 1;
             const float *V = v + g * kv_stride;
-            if (c < threes) {
-                float total[3] = {softmax_unscaled(p, n), softmax_unscaled(p + S, n), softmax_unscaled(p + 2 * S, n)};
-                values3(p, p + S, p + 2 * S, total, n, V, D, o, o + D, o + 2 * D);
-            } else
-                softmax_values(p, n, V, D, o);
+            if (c < 2 * threes) {
+                long h = g * G + 3 * (c / 2), half = c % 2 * (D / 2);
+                float *p = P + (t * H + h) * S, *o = out + (t * H + h) * D + half;
+                values3(p, p + S, p + 2 * S, totals + t * H + h, n, V + half, D, D / 2, o, o + D, o + 2 * D);
+            } else {
+                long h = g * G + 3 * threes + c - 2 * threes;
+                values1(P + (t * H + h) * S, totals[t * H + h], n, V, D, out + (t * H + h) * D);
+            }
         }
     }
     free(P);

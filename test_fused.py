@@ -162,8 +162,8 @@ def test_the_same_bits_from_any_build(tmp_path, split):
 def test_each_row_is_computed_alone(rows, pos, G, D, seed):
     """A row's bits do not depend on the other rows in its call: one call on `rows` decoding
     rows equals `rows` one-row calls, for attention, the norm with its residual add, and silu.
-    (With D a multiple of 64 and G of at least 3, a call of several rows sums a KV head's
-    values for three query heads at once, values3, and a one-row call head by head.)"""
+    (With D a multiple of 64 and G of at least 3, a KV head's values are summed for three
+    query heads at once, values3, in two halves of D; the rest of G head by head, values1.)"""
     g = torch.Generator().manual_seed(seed)
     H_kv = 2
     att = attention_layer(H_kv, G, D, seed)
