@@ -173,8 +173,8 @@ def default_max_pending(model):
     fixed number of rows per pass, so the default keeps every call within one pass: 3 in
     int4 (aten's kernel: 4 rows), 7 in int8 where int8mm.c has AMX or AVX-512 VNNI (8 rows).
     Its AVX2 and plain C paths have no such pass: each row costs its own multiplies (on an AMD
-    EPYC a 4-row layer call costs 1.47x a one-row call; the simulator's pick is 3 over 5), so 3 there. float32's `linear` has no pass to fill; 5
-    there. Each was then checked with the simulator on held-out prompts and measured against
+    EPYC a 4-row layer call costs about 1.5x a one-row call, and the simulator puts 3, 4 and 5
+    within 0.5% of each other), so 3 there. float32's `linear` has no pass to fill; 5 there. Each was then checked with the simulator on held-out prompts and measured against
     the alternatives (README, "How many early tokens may wait")."""
     kind = precision(model)
     if kind == "int8":

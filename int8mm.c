@@ -176,7 +176,10 @@ static inline __attribute__((always_inline)) void dots_avx2(const int16_t *q, lo
     }
 }
 
-static void dots(const int16_t *q, long Kp, const int8_t *wt, int rows, int64_t d[ROWS][16]) {
+/* d[m][j] = q[m] . w[j] for one tile column and the pass's rows (b and wsum: the byte paths') */
+static void dots(const int16_t *q, const uint8_t *b, long Kp, const int8_t *wt, const int32_t *wsum, int rows,
+                 int64_t d[ROWS][16]) {
+    (void)b, (void)wsum;
     int m = 0;
     for (; m + 2 <= rows; m += 2) dots_avx2(q + m * Kp, Kp, wt, 2, d + m);
     if (m < rows) dots_avx2(q + m * Kp, Kp, wt, 1, d + m);
@@ -248,8 +251,10 @@ static void byte_dots(const uint8_t *b, long Kp, const int8_t *wt, int rows, int
     }
 }
 
-/* Both levels' sums of each row as q's: d = 256 * (d_hi - 128 * wsum) + d_lo */
-static void dots(const uint8_t *b, long Kp, const int8_t *wt, const int32_t *wsum, int rows, int64_t d[ROWS][16]) {
+/* d[m][j] = q[m] . w[j] from both levels' sums: d = 256 * (d_hi - 128 * wsum) + d_lo */
+static void dots(const int16_t *q, const uint8_t *b, long Kp, const int8_t *wt, const int32_t *wsum, int rows,
+                 int64_t d[ROWS][16]) {
+    (void)q;
     int32_t d32[2 * ROWS][16];
 #ifdef AMX
     if (use_amx()) byte_dots_amx(b, Kp, wt, d32);
@@ -294,7 +299,7 @@ int int8mm(const float *x, const int8_t *wp, const int32_t *wsum, const float *s
         }
 #ifndef AVX2
         #pragma omp for schedule(static)
-        for (long m = 0; m < M; m++) to_bytes(q + m * Kp, Kp, b + 2 * m * Kp);
+        for (long m = 0; m < M; m++) to_bytes(q + m * Kp, Kp, b + 2 * m * Kp);   /* the byte paths' two levels */
 #endif
         int64_t d[ROWS][16];
         int32_t pad[16];
@@ -310,12 +315,7 @@ int int8mm(const float *x, const int8_t *wp, const int32_t *wsum, const float *s
             }
             for (long m0 = 0; m0 < M; m0 += ROWS) {     /* the tile column stays in L1/L2 from one pass to the next */
                 int rows = M - m0 < ROWS ? (int)(M - m0) : ROWS;
-#ifdef AVX2
-                dots(q + m0 * Kp, Kp, wt, rows, d);
-                (void)ws;
-#else
-                dots(b + 2 * m0 * Kp, Kp, wt, ws, rows, d);
-#endif
+                dots(q + m0 * Kp, b ? b + 2 * m0 * Kp : NULL, Kp, wt, ws, rows, d);
                 for (int m = 0; m < rows; m++) {
                     double sm = s[m0 + m];
                     float *out = y + (m0 + m) * N + n0;

@@ -3,9 +3,9 @@ The int8 matmul that every int8 linear layer runs: y = x W^T for W stored as int
 float32 scale per output channel (quantize.Int8Linear holds the weights).
 
 Each row of x is written as 16-bit integers, x ~= s*q (finer than bfloat16), so that its
-products with W are integer sums, exact in any order. That makes the
-result of a row independent of the other rows in its call (batch invariance: AdaDecode's
-batched rows get greedy's bits) and lets a vector kernel add in any order it likes.
+products with W are integer sums, exact in any order. That makes the result of a row
+independent of the other rows in its call (batch invariance: AdaDecode's batched rows get
+greedy's bits) and lets a vector kernel add in any order it likes.
 
     int8mm_reference(x, wq, scale)    the definition, in PyTorch (float64 sums of integers: exact)
     int8mm(x, pack(wq), wsum, scale)  the same bits from int8mm.c, with AMX tiles where the CPU has
