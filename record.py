@@ -157,8 +157,9 @@ def traces_for(rec, tok, folder, heads_path, prompts, max_new_tokens, raw=False)
     resp = generate_responses(folder, ids, max_new_tokens, response_cache(folder, max_new_tokens))
     hkey = hashlib.sha256(Path(heads_path).read_bytes()).hexdigest()[:8]
     # the last item is the traces' version: 6 since the exit check moved into C (fused.head_check),
-    # whose figures differ from the PyTorch steps' in the last bits, so older traces are recorded again
-    key = hashlib.sha256(json.dumps([ids, hkey, max_new_tokens, precision(rec.model), 6]).encode()).hexdigest()[:12]
+    # whose figures differ from the PyTorch steps' in the last bits, 7 since int8's activations are
+    # 16-bit integers instead of two int8 levels (other last bits), so older traces are recorded again
+    key = hashlib.sha256(json.dumps([ids, hkey, max_new_tokens, precision(rec.model), 7]).encode()).hexdigest()[:12]
     return load_traces(rec, list(zip(ids, resp)), max_new_tokens, eos_ids(rec.model, tok),
                        response_cache(folder).parent / f"traces-{key}.jsonl", [p.get("category", "") for p in prompts])
 
