@@ -472,11 +472,12 @@ void attention(const float *qkv, long stride, const float *cos, const float *sin
      * the G heads), then, after the threads meet, each head's softmax and values. Two threads
      * pay off from a few hundred keys on (an OpenMP region costs a few us). */
     long S = pos + T, blocks = (S + 63) / 64, Dp = (D + LANES - 1) / LANES * LANES;
-    float *P = malloc((T * H * S + T * H) * sizeof(float)), *totals = P + T * H * S;  /* row t, head h's scores at P + (t * H + h) * S */
+    float *P = malloc((T * H * S + T * H) * sizeof(float));   /* row t, head h's scores at P + (t * H + h) * S */
     if (!P) {                                       /* no memory: NaN rows, not a crash */
         for (long i = 0; i < T * H * D; i++) out[i] = NAN;
         return;
     }
+    float *totals = P + T * H * S;                  /* and the sum of its softmax at totals[t * H + h] */
     #pragma omp parallel if (T * H * S * D > 50000)
     {
         /* where D is not a multiple of LANES, q and k are copied with zeros after them; so are
