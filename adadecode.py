@@ -52,6 +52,7 @@ class Stats:
                                    # one per argmax, one per head check (a Guess in one transfer)
     steps: int = 0                 # climbs: each new token's (or a flush's) pass up the stack
     verifications: int = 0         # times rows reached the top and were checked
+    verify_rows: Counter = field(default_factory=Counter)      # rows in a verification -> how many (its LM head call)
     exit_layer_sum: int = 0        # summed over verified tokens, L for tokens from the full model
     trace: list | None = None      # if a list: ("run", step, start, stop, first_pos, rows), ("exit", step, layer),
                                    # ("rollback", step, pos) events, for bench.py's schedule picture
@@ -68,6 +69,7 @@ class Stats:
         d = asdict(self)
         d.pop("trace")
         d.update(early_by_layer=dict(sorted(self.early_by_layer.items())), rows_hist=dict(sorted(self.rows_hist.items())),
+                 verify_rows=dict(sorted(self.verify_rows.items())),
                  early=sum(self.early_by_layer.values()),
                  mean_rows_per_call=self.layer_rows / max(self.layer_calls, 1),
                  greedy_layer_rows=greedy_rows, wasted_layer_rows=self.layer_rows - greedy_rows,
@@ -280,6 +282,7 @@ def verify(model, cache, h, n_prompt, out, exit_layer, stats, policy):
     first = cache.lengths[L - 1] - h.shape[1]                 # position of the first row
     preds = argmax(model.logits(h)[0]).tolist()               # (T,)
     stats.verifications += 1
+    stats.verify_rows[h.shape[1]] += 1
     stats.host_syncs += 1
     for r, pred in enumerate(preds):
         i = first + r + 1 - n_prompt                          # index in `out` of the token row r predicts

@@ -398,8 +398,9 @@ def row_cost_report(out, model, heads, mach):
           f"relative to one row):")
     for r, c in rows.items():
         print(f"  {r} row{'s' if r > 1 else ' '}  {c * 1e3:7.3f} ms  {c / rows[1]:5.2f}x")
-    print(f"  LM head {cost['logits'] * 1e3:.3f} ms" +
-          (f", exit check {cost['check'] * 1e3:.3f} ms" if "check" in cost else ""))
+    lm = {1: cost["logits"], **{r: cost[("logits", r)] for r in range(2, 9)}}
+    print(f"  LM head, 1-8 rows: " + " / ".join(f"{c * 1e3:.3f}" for c in lm.values()) + " ms" +
+          (f"; exit check {cost['check'] * 1e3:.3f} ms" if "check" in cost else ""))
     packing = getattr(model, "packing", None)
     if packing:
         print(f"  float32 kernel: {'oneDNN packed' if packing['packed'] else packing.get('dense', 'F.linear')}, "
@@ -407,7 +408,8 @@ def row_cost_report(out, model, heads, mach):
     out.mkdir(parents=True, exist_ok=True)
     row_cost_plot(out / "row_cost.png", rows, mach)
     write_json(out / "results.json", {"machine": mach, "row_cost_seconds": rows, "check_seconds": cost.get("check"),
-                                      "lm_head_seconds": cost["logits"], "packing": packing})
+                                      "lm_head_seconds": cost["logits"], "lm_head_seconds_by_rows": lm,
+                                      "packing": packing})
     print(f"wrote {out / 'results.json'}, {out / 'row_cost.png'}")
     return 0
 

@@ -86,9 +86,11 @@ class Recorder:
 
 def row_costs(model, heads, rows=(1, 2, 3, 4, 5, 6), context=300, repeats=7):
     """Seconds per single-layer call for each row count (all layers timed together, at a
-    realistic cache length), per head check, and per LM-head call: the cost model that
-    turns a replay into a predicted speedup on this machine. A model with a shorter context
-    than `context` + the rows is timed at the longest cache it allows."""
+    realistic cache length), per head check, and per LM-head call, on one row ("logits":
+    greedy's) and on each larger row count r of `rows` (("logits", r): a verification of r
+    rows): the cost model that turns a replay into a predicted speedup on this machine. A
+    model with a shorter context than `context` + the rows is timed at the longest cache it
+    allows."""
     from adadecode import sync
     m, L, rows = model, model.args.n_layers, list(rows)
     context = min(context, m.args.max_seq_len - max(rows) - 1)
@@ -115,6 +117,7 @@ def row_costs(model, heads, rows=(1, 2, 3, 4, 5, 6), context=300, repeats=7):
         h = hs[rows[-1]]
         x, one = h[0, -1], h[:, -1:]
         calls = [("logits", lambda i: argmax(m.logits(one)).tolist())]
+        calls += [(("logits", r), lambda i, r=r: argmax(m.logits(h[:, -r:])).tolist()) for r in rows if r > 1]
         if heads is not None:
             calls.append(("check", lambda i: heads.check(heads.layers[i % len(heads.layers)], x)))
         for name, fn in calls:               # each ends in a host transfer, so the device has finished

@@ -190,9 +190,17 @@ def replay(traces, layers, n_layers, max_seq_len, policy, max_pending=5, branch=
     return stats, misses
 
 
+def lm_head_cost(cost, rows):
+    """The cost model's seconds for an LM head call on `rows` rows: the largest row count
+    measured up to `rows` (one row: "logits")."""
+    measured = [r for r in (k[1] for k in cost if isinstance(k, tuple) and k[0] == "logits") if r <= rows]
+    return cost[("logits", max(measured))] if measured else cost["logits"]
+
+
 def figures(stats, n_tokens, cost=None):
     """Aggregate over traces: ideal speedup, early and rejected rates, rows per call; with
-    a cost model {rows: seconds per layer call, "check": s, "logits": s}, the predicted speedup."""
+    a cost model {rows: seconds per layer call, "check": s, "logits": s (one row), ("logits",
+    rows): s (optional)}, the predicted speedup: each verification priced by its rows."""
     L = stats[0].n_layers
     greedy_rows = sum(max(n - 1, 0) * L for n in n_tokens)
     seq = sum(st.sequential_layers for st in stats)
@@ -207,7 +215,7 @@ def figures(stats, n_tokens, cost=None):
         ada_t = sum(c * cost[min(r, max(k for k in cost if isinstance(k, int)))] for st in stats
                     for r, c in st.rows_hist.items())
         ada_t += sum(st.head_checks for st in stats) * cost["check"]
-        ada_t += sum(st.verifications for st in stats) * cost["logits"]
+        ada_t += sum(c * lm_head_cost(cost, r) for st in stats for r, c in st.verify_rows.items())
         f["predicted_speedup"] = greedy_t / ada_t
     return f
 
@@ -372,8 +380,9 @@ def main(argv=None):
         print("measuring the row-cost model on this machine ...", file=sys.stderr)
         most = max([a.max_pending] + (a.sweep_max_pending or []))
         cost = row_costs(model, heads, rows=range(1, most + 2))      # every call size the replays make
-        print("cost model: " + ", ".join(f"{k} rows {v * 1e3:.3f} ms" if isinstance(k, int) else f"{k} {v * 1e3:.3f} ms"
-                                         for k, v in cost.items()) + " (per layer call / per call)")
+        print("cost model: " + ", ".join(f"{k} rows {v * 1e3:.3f} ms" if isinstance(k, int) else
+                                         f"logits {k[1]} rows {v * 1e3:.3f} ms" if isinstance(k, tuple) else
+                                         f"{k} {v * 1e3:.3f} ms" for k, v in cost.items()) + " (per layer call / per call)")
         run = lambda policy: figures(rec.replay(held_t, policy, a.max_pending, a.exact)[0], n_tokens, cost)
         L = model.args.n_layers
         if a.sweep_max_pending:

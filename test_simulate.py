@@ -58,6 +58,7 @@ def test_replay_equals_the_real_loop(setup, seed, noise, max_pending, max_new, u
     check_same_cache(real.cache, greedy.cache)
     s = real.stats
     assert s.accepted + s.rejected + s.discarded == sum(s.early_by_layer.values())
+    assert sum(s.verify_rows.values()) == s.verifications and max(s.verify_rows, default=1) <= max_pending + 1
 
     rec = Recorder(model, heads)
     trace = rec.record(prompt, greedy.tokens, max_new, eos)
@@ -302,10 +303,10 @@ def test_the_cost_model_times_every_row_count_the_check_and_the_lm_head():
     from record import row_costs
     model = random_llama(0, n_layers=4, vocab=61)
     cost = row_costs(model, random_heads(model, [1, 2], 0, 1.0), rows=range(1, 4), context=8, repeats=2)
-    assert set(cost) == {1, 2, 3, "logits", "check"} and all(v > 0 for v in cost.values())
-    assert set(row_costs(model, None, rows=(2,), context=8, repeats=1)) == {2, "logits"}
+    assert set(cost) == {1, 2, 3, "logits", ("logits", 2), ("logits", 3), "check"} and all(v > 0 for v in cost.values())
+    assert set(row_costs(model, None, rows=(2,), context=8, repeats=1)) == {2, "logits", ("logits", 2)}
     short = random_llama(0, n_layers=2, max_pos=16)       # a context shorter than the default 300 positions
-    assert set(row_costs(short, None, rows=(1, 8), repeats=1)) == {1, 8, "logits"}
+    assert set(row_costs(short, None, rows=(1, 8), repeats=1)) == {1, 8, "logits", ("logits", 8)}
     with pytest.raises(InputError, match="too short"):
         row_costs(random_llama(0, n_layers=2, max_pos=8), None, rows=(1, 8), repeats=1)
 
@@ -339,3 +340,19 @@ def test_wrong_branch_guesses_are_the_loops_own_bits(n):
                 start = l
                 if p >= d:
                     assert got[(d, tuple(toks[:p - d + 1]))][l] == heads.check(l, h[0, -1]), (p, l)
+
+
+def test_the_predicted_speedup_prices_each_verification_by_its_rows():
+    """figures charges each verification's LM head call at the cost of its rows (the largest
+    row count measured up to them), and greedy's at one row's; a cost model without per-row
+    LM head figures charges every verification one row's, as it did before."""
+    from adadecode import Stats
+    st = Stats(n_layers=2)
+    st.count_call(1, 2)                                   # two single-layer calls of 1 row,
+    st.count_call(3, 2)                                   # two of 3 rows
+    st.verify_rows.update({1: 2, 3: 1, 5: 1})
+    cost = {1: 1.0, 2: 1.5, 3: 2.0, "logits": 10.0, ("logits", 2): 12.0, ("logits", 4): 20.0, "check": 0.0}
+    greedy = 3 * (2 * 1.0 + 10.0)                         # 4 tokens: 3 after the first, 2 layers and the LM head each
+    assert figures([st], [4], cost)["predicted_speedup"] == pytest.approx(greedy / (2 * 1.0 + 2 * 2.0 + 2 * 10.0 + 12.0 + 20.0))
+    del cost[("logits", 2)], cost[("logits", 4)]
+    assert figures([st], [4], cost)["predicted_speedup"] == pytest.approx(greedy / (2 * 1.0 + 2 * 2.0 + 4 * 10.0))
