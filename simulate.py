@@ -20,6 +20,7 @@ a layer call take the real model: record.py.
     python simulate.py --prompts prompts.jsonl --n 44 --max-new-tokens 128
     python simulate.py --fit                            # fit the exit policy, store it in the heads file
     python simulate.py --dtype int8 --sweep-max-pending 3 4 5 6 7 8   # max_pending, one cost model
+    python simulate.py --dtype int8 --extra-row-scale 0.5 0         # were extra rows half price, or free
 """
 import argparse
 import sys
@@ -197,6 +198,15 @@ def lm_head_cost(cost, rows):
     return cost[("logits", max(measured))] if measured else cost["logits"]
 
 
+def scaled_cost(cost, f):
+    """The cost model with every call of more than one row (layer calls and LM head calls)
+    charged one row's cost plus f times what its other rows add: what AdaDecode would gain
+    here from a flatter row curve (f 0: extra rows free, the ideal for this machine's
+    one-row costs; f 1: the model as measured)."""
+    one = lambda k: cost[1] if isinstance(k, int) else cost["logits"]
+    return {k: one(k) + f * (v - one(k)) if isinstance(k, (int, tuple)) else v for k, v in cost.items()}
+
+
 def figures(stats, n_tokens, cost=None):
     """Aggregate over traces: ideal speedup, early and rejected rates, rows per call; with
     a cost model {rows: seconds per layer call, "check": s, "logits": s (one row), ("logits",
@@ -310,10 +320,11 @@ def print_operating_point(op):
               f"precision {r['precision']:.3f}")
 
 
-def print_row(name, f):
+def print_row(name, f, end="\n"):
     pred = f.get("predicted_speedup")
     print(f"{name:<34} {f['ideal_speedup']:6.3f}x  {'-' if pred is None else format(pred, '6.3f') + 'x':>8}  "
-          f"{f['early_rate']:6.1%}  {f['rejection_rate']:6.1%}  {f['rows_per_call']:5.2f}  {f['head_checks_per_token']:5.2f}")
+          f"{f['early_rate']:6.1%}  {f['rejection_rate']:6.1%}  {f['rows_per_call']:5.2f}  {f['head_checks_per_token']:5.2f}",
+          end=end)
 
 
 def main(argv=None):
@@ -331,10 +342,14 @@ def main(argv=None):
     ap.add_argument("--raw", action="store_true", help="no chat template")
     ap.add_argument("--n", type=int, default=400, help="prompts (train + held-out) of the default set, as train_heads.py")
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--max-pending", type=int, help="as adadecode.py (default: 3 in int4, 7 in int8 (3 where its kernel has only AVX2), 5 otherwise)")
+    ap.add_argument("--max-pending", type=int, help="as adadecode.py (default: 3 in int4, 7 in int8 (5 where its kernel has only AVX2, 3 in plain C), 5 otherwise)")
     ap.add_argument("--sweep-max-pending", type=int, nargs="+", metavar="N",
                     help="replay the heads file's policy at each of these max_pending values, every one priced by "
                          "the same cost model, print a row each and stop")
+    ap.add_argument("--extra-row-scale", type=float, nargs="+", metavar="F",
+                    help="with --sweep-max-pending (or alone, at the default max_pending): also the predicted "
+                         "speedup were each call's rows past the first to cost F times what they cost here "
+                         "(0: free), one column per F")
     ap.add_argument("--exact", action="store_true", help="compute wrong-branch guesses with the model (slower)")
     ap.add_argument("--dtype", choices=["int4", "int8", "float32"],
                     help="the model's dtype for the traces, the head checks and the cost model (default: as "
@@ -352,6 +367,11 @@ def main(argv=None):
                                    ("--n", a.n, 4), *(("--sweep-max-pending", v, 0) for v in a.sweep_max_pending or [])):
             if value is not None and value < least:
                 raise InputError(f"{flag} must be at least {least}, got {value}")
+        for f in a.extra_row_scale or []:
+            if not 0 <= f < float("inf"):
+                raise InputError(f"--extra-row-scale must be a number from 0 up, got {f}")
+        if a.extra_row_scale and a.fit:
+            raise InputError("--extra-row-scale prices replays of the heads file's policy: give it without --fit")
         if a.sweep_max_pending and (a.fit or a.max_pending is not None):
             raise InputError(f"--sweep-max-pending replays its own max_pending values: give it without "
                              f"{'--fit' if a.fit else '--max-pending'}")
@@ -385,13 +405,18 @@ def main(argv=None):
                                          f"{k} {v * 1e3:.3f} ms" for k, v in cost.items()) + " (per layer call / per call)")
         run = lambda policy: figures(rec.replay(held_t, policy, a.max_pending, a.exact)[0], n_tokens, cost)
         L = model.args.n_layers
-        if a.sweep_max_pending:
+        if a.sweep_max_pending or a.extra_row_scale:
             policy = from_spec(heads.meta["policy"], L) if "policy" in heads.meta else Threshold(0.75)
+            scales = a.extra_row_scale or []
             print(f"\n{len(held_t)} held-out traces, {sum(n_tokens)} tokens, the heads file's policy"
                   f"{'' if 'policy' in heads.meta else ' (none: top-1 probability >= 0.75)'}")
-            print(f"{'max_pending':<34} {'ideal':>7}  {'pred.':>8}  {'early':>6}  {'reject':>6}  {'rows':>5}  {'chk/t':>5}")
-            for n in a.sweep_max_pending:
-                print_row(f"{n}", figures(rec.replay(held_t, policy, n, a.exact)[0], n_tokens, cost))
+            print(f"{'max_pending':<34} {'ideal':>7}  {'pred.':>8}  {'early':>6}  {'reject':>6}  {'rows':>5}  {'chk/t':>5}"
+                  + "".join(f"  {f'x{f:g} rows':>10}" for f in scales))
+            for n in a.sweep_max_pending or [a.max_pending]:
+                stats = rec.replay(held_t, policy, n, a.exact)[0]
+                print_row(f"{n}", figures(stats, n_tokens, cost), end="")
+                print("".join(f"  {figures(stats, n_tokens, scaled_cost(cost, f))['predicted_speedup']:9.3f}x"
+                              for f in scales))
             return 0
         print(f"\n{len(held_t)} held-out traces, {sum(n_tokens)} tokens, max_pending {a.max_pending}")
         print(f"{'policy':<34} {'ideal':>7}  {'pred.':>8}  {'early':>6}  {'reject':>6}  {'rows':>5}  {'chk/t':>5}")
