@@ -164,7 +164,7 @@ static inline __attribute__((always_inline)) void tile_avx2(const int16_t *x, lo
    rows (b and wsum: the byte paths'). Tile by tile, each tile used by every row (two at a
    time) while it is in L1: the weights stream from memory at one pace whatever the rows,
    which let 3-8 rows' multiplies overlap the reading better than a pass over the whole
-   column per two rows (3-8% faster layer calls at 3-8 rows; README, "int8 on AVX2").
+   column per two rows (README, "int8 on AVX2 at the multiplies' ceiling").
    Every 16 tiles (1024 inputs) a lane has added at most 16*32 products of at most
    32767*127, 2.13e9 < 2^31: then the lanes go into int64. Without the prefetch (AHEAD tiles
    into L2) 8 rows took 10% longer, one row 1%. */

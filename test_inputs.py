@@ -764,6 +764,9 @@ def test_json_speed_counts_decoded_tokens_only(capsys):
     (["--sweep-max-pending", "5", "-2"], "--sweep-max-pending must be at least 0, got -2"),
     (["--sweep-max-pending", "5", "7", "--fit"], "give it without --fit"),
     (["--sweep-max-pending", "5", "--max-pending", "3"], "give it without --max-pending"),
+    (["--extra-row-scale", "0.5", "-1"], "--extra-row-scale must be a number from 0 up, got -1.0"),
+    (["--extra-row-scale", "nan"], "got nan"), (["--extra-row-scale", "inf"], "got inf"),
+    (["--extra-row-scale", "0", "--fit"], "give it without --fit"),
     (["--prompts", "missing.jsonl"], "missing.jsonl"), (["--model", "/nonexistent"], "/nonexistent: no such folder"),
 ])
 def test_simulate_refuses_before_the_long_work(argv, message, capsys, monkeypatch):

@@ -14,7 +14,7 @@ from exits import FEATURES, Guard, Logistic, Threshold, from_spec, in_context, l
 from heads import Guess
 from model import InputError
 from record import Recorder
-from simulate import Trace, choose_thresholds, figures, fit_logistic
+from simulate import Trace, choose_thresholds, figures, fit_logistic, scaled_cost
 from test_parity import check_same_cache, random_heads, setups
 
 
@@ -340,6 +340,26 @@ def test_wrong_branch_guesses_are_the_loops_own_bits(n):
                 start = l
                 if p >= d:
                     assert got[(d, tuple(toks[:p - d + 1]))][l] == heads.check(l, h[0, -1]), (p, l)
+
+
+def test_scaled_costs_keep_one_row_and_scale_what_more_rows_add():
+    """scaled_cost(cost, f): every call of r > 1 rows (layer or LM head) costs one row's plus
+    f times its extra; one row, the check and f = 1 leave the model as it is; f = 0 makes
+    the prediction the one with free extra rows, which is at least the measured one."""
+    from adadecode import Stats
+    cost = {1: 1.0, 2: 1.5, 4: 3.0, "logits": 10.0, ("logits", 4): 14.0, "check": 0.25}
+    assert scaled_cost(cost, 1.0) == cost
+    assert scaled_cost(cost, 0.5) == {1: 1.0, 2: 1.25, 4: 2.0, "logits": 10.0, ("logits", 4): 12.0, "check": 0.25}
+    assert scaled_cost(cost, 0.0) == {1: 1.0, 2: 1.0, 4: 1.0, "logits": 10.0, ("logits", 4): 10.0, "check": 0.25}
+    st = Stats(n_layers=2)
+    st.count_call(1, 2)
+    st.count_call(4, 2)
+    st.head_checks = 3
+    st.verify_rows.update({1: 1, 4: 1})
+    pred = [figures([st], [5], scaled_cost(cost, f))["predicted_speedup"] for f in (1.0, 0.5, 0.0)]
+    assert pred[0] < pred[1] < pred[2]
+    greedy = 4 * (2 * 1.0 + 10.0)
+    assert pred[2] == pytest.approx(greedy / (4 * 1.0 + 3 * 0.25 + 2 * 10.0))
 
 
 def test_the_predicted_speedup_prices_each_verification_by_its_rows():
