@@ -174,16 +174,15 @@ def default_max_pending(model):
     call then has at most max_pending + 1 rows, and a quantised model's kernel computes a
     fixed number of rows per pass, so the default keeps every call within one pass: 3 in
     int4 (aten's kernel: 4 rows), 7 in int8 where int8mm.c has AMX or AVX-512 VNNI (8 rows).
-    Its AVX2 path has no such pass: each row costs its own multiplies. Since it goes tile by
-    tile (a 4-row layer call about 1.2-1.4x a one-row call on an AMD EPYC) the simulator puts
-    3, 4 and 5 within 1% of each other, and 5 ahead on ideal hardware by 7%, so 5 there, as in
-    float32, whose `linear` has no pass to fill either. Plain C keeps 3: there every row
-    is a loop of its own. Each was then checked with the simulator on held-out prompts and
+    Its AVX2 and plain C paths have no such pass: each row costs its own multiplies (on an AMD
+    EPYC a 4-row layer call costs 1.2-1.4x a one-row call, and the simulator puts 3 ahead of
+    4 and 5 by 2-3% with each of six cost models), so 3 there. float32's `linear` has no
+    pass to fill; 5 there. Each was then checked with the simulator on held-out prompts and
     measured against the alternatives (README, "How many early tokens may wait")."""
     kind = precision(model)
     if kind == "int8":
         from int8mm import kernel
-        return {"amx": 7, "avx512-vnni": 7, "avx2": 5}.get(kernel()[1], 3)
+        return 7 if kernel()[1] in ("amx", "avx512-vnni") else 3
     return 3 if kind == "int4" else 5
 
 
@@ -413,8 +412,8 @@ def main(argv=None):
     ap.add_argument("--threshold", type=float, help="exit when the head's top-1 probability is at least this "
                     "(default: the exit policy tuned for the heads, stored in the heads file)")
     ap.add_argument("--max-pending", type=int, help="at most this many unverified early tokens (default: 3 in int4 "
-                    "and 7 in int8, one pass of their kernels' 4 and 8 rows (5 where int8's kernel has only AVX2, 3 in "
-                    "plain C); 5 in float32)")
+                    "and 7 in int8, one pass of their kernels' 4 and 8 rows (3 where int8's kernel has only AVX2); "
+                    "5 in float32)")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--device", default=default_device(), help="cuda when available, else cpu")
     ap.add_argument("--dtype", choices=DTYPES,

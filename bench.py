@@ -146,7 +146,7 @@ def parse_args(argv):
     ap.add_argument("--threshold", type=float, nargs="+",
                     help="AdaDecode with the paper's rule, top-1 probability >= threshold: one value, or several for "
                          "a sweep (default: the exit policy tuned for the heads, stored in the heads file)")
-    ap.add_argument("--max-pending", type=int, help="as adadecode.py (default: 3 in int4, 7 in int8 (5 where its kernel has only AVX2, 3 in plain C), 5 otherwise)")
+    ap.add_argument("--max-pending", type=int, help="as adadecode.py (default: 3 in int4, 7 in int8 (3 where its kernel has only AVX2), 5 otherwise)")
     ap.add_argument("--device", default=default_device(), help="cuda when available, else cpu")
     ap.add_argument("--dtype", choices=DTYPES, nargs="+",
                     help="default: int8 on the CPU, float32 on a GPU (README, 'int8 and int4'). Several (--dtype float32 int8 int4): each runs "

@@ -84,56 +84,65 @@ class Recorder:
                       max_pending, self.branch if exact else None)
 
 
-def row_costs(model, heads, rows=(1, 2, 3, 4, 5, 6), context=300, repeats=7):
+def row_costs(model, heads, rows=(1, 2, 3, 4, 5, 6), context=300, repeats=9):
     """Seconds per single-layer call for each row count (all layers timed together, at a
     realistic cache length), per head check, and per LM-head call, on one row ("logits":
     greedy's) and on each larger row count r of `rows` (("logits", r): a verification of r
     rows): the cost model that turns a replay into a predicted speedup on this machine. A
     model with a shorter context than `context` + the rows is timed at the longest cache it
-    allows."""
+    allows.
+
+    The calls take turns in rounds (the first a warm-up), and each round also times a
+    one-row call of all layers, its reference. A figure is the median of its ratios to
+    the reference of its own round, times the references' median: a VM's speed drifts
+    from second to second, and a prediction depends only on the costs' ratios, which this
+    measures inside one round (on a 2-core AMD EPYC the predictions of eight cost models
+    spread by 0.05-0.07x this way, 0.13-0.16x with each figure's own median)."""
     from adadecode import sync
     m, L, rows = model, model.args.n_layers, list(rows)
     context = min(context, m.args.max_seq_len - max(rows) - 1)
     if context < 1:
         raise InputError(f"the model's context ({m.args.max_seq_len} positions) is too short to time calls of "
                          f"{max(rows)} rows")
-    cost = {}
     with torch.inference_mode():
         cache = m.new_cache(context + max(rows) + 1)
         m.run_layers(m.embed(torch.zeros(1, context, dtype=torch.long, device=m.device)), 0, cache)
-        hs = {r: torch.randn(1, r, m.args.dim, dtype=m.dtype, device=m.device) for r in rows}
-        times = {r: [] for r in rows}
-        for i in range(repeats + 1):         # the row counts take turns, so a slow spell of the machine
-            for r in rows:                   # falls on all of them; the first round is a warm-up
-                cache.truncate(context)
-                sync(m.device)
-                t = time.perf_counter()
-                m.run_layers(hs[r], context, cache)
-                sync(m.device)
-                if i > 0:
-                    times[r].append(time.perf_counter() - t)
-        for r in rows:
-            cost[r] = sorted(times[r])[len(times[r]) // 2] / L
-        h = hs[rows[-1]]
+        hs = {r: torch.randn(1, r, m.args.dim, dtype=m.dtype, device=m.device) for r in set(rows) | {1}}
+        h = hs[max(rows)]
         x, one = h[0, -1], h[:, -1:]
+
+        def layer_call(r):
+            cache.truncate(context)
+            sync(m.device)
+            t = time.perf_counter()
+            m.run_layers(hs[r], context, cache)
+            sync(m.device)
+            return (time.perf_counter() - t) / L
+
         calls = [("logits", lambda i: argmax(m.logits(one)).tolist())]
         calls += [(("logits", r), lambda i, r=r: argmax(m.logits(h[:, -r:])).tolist()) for r in rows if r > 1]
         if heads is not None:
             calls.append(("check", lambda i: heads.check(heads.layers[i % len(heads.layers)], x)))
-        for name, fn in calls:               # each ends in a host transfer, so the device has finished
-            times = []
-            for i in range(repeats * 3):
+        refs, ratios = [], {k: [] for k in rows + [name for name, _ in calls]}
+        for i in range(repeats + 1):
+            ref = layer_call(1)
+            t = {r: layer_call(r) for r in rows}
+            for name, fn in calls:           # each ends in a host transfer, so the device has finished
                 # as in decoding, a whole token's weights have streamed through the CPU's caches
                 # since this call last ran: timed back to back, its weights cached, a check
                 # costs about half as much
                 cache.truncate(context)
                 m.run_layers(one, context, cache)
                 sync(m.device)
-                t = time.perf_counter()
+                s = time.perf_counter()
                 fn(i)
-                times.append(time.perf_counter() - t)
-            cost[name] = sorted(times)[len(times) // 2]
-    return cost
+                t[name] = time.perf_counter() - s
+            if i > 0:
+                refs.append(ref)
+                for k, v in t.items():
+                    ratios[k].append(v / ref)
+    median = lambda v: sorted(v)[len(v) // 2]
+    return {k: median(v) * median(refs) for k, v in ratios.items()}
 
 
 def load_traces(rec, seqs, max_new_tokens, eos, path, categories=None):

@@ -342,7 +342,7 @@ def main(argv=None):
     ap.add_argument("--raw", action="store_true", help="no chat template")
     ap.add_argument("--n", type=int, default=400, help="prompts (train + held-out) of the default set, as train_heads.py")
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--max-pending", type=int, help="as adadecode.py (default: 3 in int4, 7 in int8 (5 where its kernel has only AVX2, 3 in plain C), 5 otherwise)")
+    ap.add_argument("--max-pending", type=int, help="as adadecode.py (default: 3 in int4, 7 in int8 (3 where its kernel has only AVX2), 5 otherwise)")
     ap.add_argument("--sweep-max-pending", type=int, nargs="+", metavar="N",
                     help="replay the heads file's policy at each of these max_pending values, every one priced by "
                          "the same cost model, print a row each and stop")
