@@ -175,7 +175,7 @@ def default_max_pending(model):
     fixed number of rows per pass, so the default keeps every call within one pass: 3 in
     int4 (aten's kernel: 4 rows), 7 in int8 where int8mm.c has AMX or AVX-512 VNNI (8 rows).
     Its AVX2 and plain C paths have no such pass: each row costs its own multiplies (on an AMD
-    EPYC a 4-row layer call costs 1.2-1.4x a one-row call, and the simulator puts 3 ahead of
+    EPYC a 4-row layer call costs 1.2-1.5x a one-row call, and the simulator puts 3 ahead of
     4 and 5 by 2-3% with each of six cost models), so 3 there. float32's `linear` has no
     pass to fill; 5 there. Each was then checked with the simulator on held-out prompts and
     measured against the alternatives (README, "How many early tokens may wait")."""
