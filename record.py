@@ -96,8 +96,9 @@ def row_costs(model, heads, rows=(1, 2, 3, 4, 5, 6), context=300, repeats=9):
     one-row call of all layers, its reference. A figure is the median of its ratios to
     the reference of its own round, times the references' median: a VM's speed drifts
     from second to second, and a prediction depends only on the costs' ratios, which this
-    measures inside one round (on a 2-core AMD EPYC the predictions of eight cost models
-    spread by 0.05-0.07x this way, 0.13-0.16x with each figure's own median)."""
+    measures inside one round (on a 2-core AMD EPYC, four cost models in a row priced the
+    same replays 0.02-0.04x apart this way, 0.05-0.09x apart with each figure's own median
+    in the same minutes)."""
     from adadecode import sync
     m, L, rows = model, model.args.n_layers, list(rows)
     context = min(context, m.args.max_seq_len - max(rows) - 1)
